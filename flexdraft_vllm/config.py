@@ -1,0 +1,178 @@
+"""FlexDraft configuration: one frozen dataclass.
+
+Two sources, merged once:
+  * the drafter checkpoint's config.json, block `flexdraft_config`: what the
+    weights were trained for (target identity, split layer, block size, ...);
+  * runtime knobs from vLLM's `additional_config={"flexdraft": {...}}` or the
+    speculative config (mode, tau, verify rule, ...).
+Checkpoint fields cannot be overridden at run time (they describe weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_KEY = "flexdraft_config"
+FORMAT_VERSION = 1
+
+Mode = Literal["flex", "parallel", "sequential", "off"]
+VerifyRule = Literal["cumprod", "min"]
+CalibratorKind = Literal["tied", "full"]
+
+
+class FlexDraftConfigError(ValueError):
+    """A FlexDraft configuration or checkpoint problem, with the fix in the message."""
+
+
+@dataclass(frozen=True)
+class FlexDraftConfig:
+    # ---- describes the weights (from the checkpoint) -------------------------
+    target_model_id: str
+    target_fingerprint: str  # sha256[:16] of the target's weight files ("" = unchecked)
+    target_architecture: str
+    num_hidden_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    split_layer: int  # layers [split_layer, L) are "deep": masks enter here
+    block_size: int  # B masks per block; the first sits in the bonus slot -> B-1 drafts
+    calibrator: CalibratorKind = "tied"
+    calib_rank: int = 256
+    format_version: int = FORMAT_VERSION
+    # ---- runtime knobs (additional_config / speculative config) -------------
+    mode: Mode = "flex"
+    verify_rule: VerifyRule = "cumprod"
+    tau: float = 0.01  # cumprod rule: keep drafts while prod(p_i) >= tau
+    min_confidence: float = 0.3  # min rule: keep drafts while every p_i >= this
+    max_verify: int | None = None  # cap on drafts verified per step (None: B-1)
+    max_parallel_groups: int | None = None  # cap on G in parallel mode (None: n+1)
+
+    RUNTIME_FIELDS = ("mode", "verify_rule", "tau", "min_confidence", "max_verify", "max_parallel_groups")
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise FlexDraftConfigError(f"invalid FlexDraft config: {msg}")
+
+        if not 0 < self.split_layer < self.num_hidden_layers:
+            bad(f"split_layer={self.split_layer} must be in [1, {self.num_hidden_layers - 1}]")
+        if self.block_size < 2:
+            bad(f"block_size={self.block_size} must be >= 2 (one bonus slot + at least one draft)")
+        if self.mode not in ("flex", "parallel", "sequential", "off"):
+            bad(f"mode={self.mode!r}: use one of flex, parallel, sequential, off")
+        if self.verify_rule not in ("cumprod", "min"):
+            bad(f"verify_rule={self.verify_rule!r}: use cumprod or min")
+        if not 0.0 <= self.tau <= 1.0:
+            bad(f"tau={self.tau} must be in [0, 1]")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            bad(f"min_confidence={self.min_confidence} must be in [0, 1]")
+        if self.max_verify is not None and not 1 <= self.max_verify <= self.block_size - 1:
+            bad(f"max_verify={self.max_verify} must be in [1, block_size-1={self.block_size - 1}]")
+        if self.max_parallel_groups is not None and self.max_parallel_groups < 1:
+            bad(f"max_parallel_groups={self.max_parallel_groups} must be >= 1")
+        if self.calibrator not in ("tied", "full"):
+            bad(f"calibrator={self.calibrator!r}: use tied or full")
+
+    # ---- derived -------------------------------------------------------------
+    @property
+    def num_drafts(self) -> int:
+        """Most drafts one block can propose."""
+        return self.block_size - 1 if self.max_verify is None else self.max_verify
+
+    @property
+    def deep_layers(self) -> range:
+        return range(self.split_layer, self.num_hidden_layers)
+
+    # ---- (de)serialisation ---------------------------------------------------
+    def weights_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in self.RUNTIME_FIELDS:
+            d.pop(k)
+        return d
+
+    def with_runtime(self, overrides: dict[str, Any] | None) -> "FlexDraftConfig":
+        if not overrides:
+            return self
+        unknown = set(overrides) - set(self.RUNTIME_FIELDS)
+        if unknown:
+            fixed = sorted(unknown & {f.name for f in dataclasses.fields(self)})
+            hint = f" ({', '.join(fixed)} describe the trained weights and come from the checkpoint)" if fixed else ""
+            raise FlexDraftConfigError(
+                f"unknown FlexDraft runtime option(s) {sorted(unknown)}{hint}; "
+                f"allowed: {list(self.RUNTIME_FIELDS)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlexDraftConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise FlexDraftConfigError(f"unknown keys {sorted(unknown)} in {CONFIG_KEY}")
+        if d.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise FlexDraftConfigError(
+                f"checkpoint format_version {d.get('format_version')} is not supported by this "
+                f"flexdraft-vllm (expects {FORMAT_VERSION}); retrain or upgrade flexdraft-vllm"
+            )
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise FlexDraftConfigError(f"{CONFIG_KEY} is incomplete: {e}") from None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, runtime: dict[str, Any] | None = None) -> "FlexDraftConfig":
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FlexDraftConfigError(
+                f"no FlexDraft drafter at {path} (missing config.json). Point the drafter path at a "
+                f"folder made by `python -m flexdraft_vllm.training.train`, or use the bundled one "
+                f"(flexdraft_vllm/drafters/)."
+            )
+        raw = json.loads(cfg_file.read_text())
+        if CONFIG_KEY not in raw:
+            raise FlexDraftConfigError(f"{cfg_file} has no '{CONFIG_KEY}' block: not a FlexDraft drafter checkpoint")
+        return cls.from_dict(raw[CONFIG_KEY]).with_runtime(runtime)
+
+    @classmethod
+    def for_target(cls, target_cfg: Any, *, split_layer: int, block_size: int, target_model_id: str = "",
+                   target_fingerprint: str = "", **kw: Any) -> "FlexDraftConfig":
+        """Build from an HF PretrainedConfig of the target."""
+        heads = target_cfg.num_attention_heads
+        return cls(
+            target_model_id=target_model_id,
+            target_fingerprint=target_fingerprint,
+            target_architecture=(target_cfg.architectures or ["?"])[0],
+            num_hidden_layers=target_cfg.num_hidden_layers,
+            hidden_size=target_cfg.hidden_size,
+            vocab_size=target_cfg.vocab_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(target_cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(target_cfg, "head_dim", None) or target_cfg.hidden_size // heads,
+            split_layer=split_layer,
+            block_size=block_size,
+            **kw,
+        )
+
+    def check_target(self, target_cfg: Any, target_fingerprint: str | None = None) -> None:
+        """Fail with a clear message when this drafter was trained for another target."""
+        mine = FlexDraftConfig.for_target(target_cfg, split_layer=self.split_layer, block_size=self.block_size)
+        fields = ["num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim"]
+        diffs = [f"{f}: drafter {getattr(self, f)} vs target {getattr(mine, f)}" for f in fields if getattr(self, f) != getattr(mine, f)]
+        if diffs:
+            raise FlexDraftConfigError(
+                f"drafter was trained for {self.target_model_id or 'another model'} and does not fit this target ("
+                + "; ".join(diffs) + "). Train a drafter for this target with `python -m flexdraft_vllm.training.train`."
+            )
+        if target_fingerprint and self.target_fingerprint and target_fingerprint != self.target_fingerprint:
+            raise FlexDraftConfigError(
+                f"drafter was trained for target weights {self.target_fingerprint} "
+                f"({self.target_model_id}) but this target's weights are {target_fingerprint}. "
+                f"Same shapes, different weights: drafts would be poor. Retrain for this target "
+                f"with `python -m flexdraft_vllm.training.train --target <model dir>`."
+            )
