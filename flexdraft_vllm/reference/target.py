@@ -109,3 +109,11 @@ class TargetAdapter:
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         return normed @ self.lm_head_weight.t()
+
+
+def load_target(model_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> TargetAdapter:
+    """Load a prepared HF folder (see flexdraft_vllm.prepare) as a TargetAdapter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return TargetAdapter(model)
