@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,7 +27,6 @@ from torch import nn
 
 from flexdraft_vllm.config import CONFIG_KEY, FlexDraftConfig, FlexDraftConfigError
 from flexdraft_vllm.reference.attention import block_attention
-from flexdraft_vllm.reference.target import TargetAdapter
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -34,17 +34,41 @@ WEIGHTS_FILE = "model.safetensors"
 class MaskProjector(nn.Module):
     """Tuned attention projectors for mask rows of one deep layer.
 
-    Same attribute names as the target's self_attn so TargetAdapter.project_qkv
-    serves both; initialised as a copy of the frozen projectors.
+    Same attribute names as an HF self_attn (q_proj, k_proj, v_proj, o_proj,
+    optional q_norm/k_norm) so one projection routine serves real and mask rows.
     """
 
-    def __init__(self, target_attn: nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qkv_bias: bool = False, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
+        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
+
+    @classmethod
+    def copy_of(cls, target_attn: nn.Module) -> "MaskProjector":
+        """Initialise from a (frozen) HF attention module: drafting starts from the target."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
             mod = getattr(target_attn, name, None)
-            setattr(self, name, copy.deepcopy(mod) if mod is not None else None)
-        for p in self.parameters():
+            setattr(m, name, copy.deepcopy(mod) if mod is not None else None)
+        for p in m.parameters():
             p.requires_grad_(True)
+        return m
+
+
+def dense_block_attend(
+    k_ctx: torch.Tensor,  # [T, Hkv, D] real keys of one request in one layer
+    v_ctx: torch.Tensor,  # [T, Hkv, D]
+    ctx_lens: torch.Tensor,  # [G]
+    scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An `attend` callback over contiguous real K/V (reference path)."""
+    return lambda q, k, v: block_attention(q, k, v, k_ctx, v_ctx, ctx_lens, scale)
 
 
 class Calibrator(nn.Module):
@@ -69,12 +93,14 @@ class Calibrator(nn.Module):
 
 
 class FlexDraftDrafter(nn.Module):
-    def __init__(self, config: FlexDraftConfig, target: TargetAdapter):
+    def __init__(self, config: FlexDraftConfig, target):
+        """`target`: a TargetAdapter (HF, reference/training) or the vLLM view;
+        it provides make_mask_projector, dtype and device."""
         super().__init__()
         self.config = config
         h = config.hidden_size
         self.mask_embedding = nn.Parameter(torch.zeros(h, dtype=target.dtype, device=target.device))
-        self.mask_attn = nn.ModuleList(MaskProjector(target.layers[l].self_attn) for l in config.deep_layers)
+        self.mask_attn = nn.ModuleList(target.make_mask_projector(l) for l in config.deep_layers)
         self.calibrator = Calibrator(h, config.calib_rank, config.vocab_size, config.calibrator).to(
             device=target.device, dtype=target.dtype
         )
@@ -82,22 +108,24 @@ class FlexDraftDrafter(nn.Module):
     # ---- the mask path ---------------------------------------------------------
     def mask_layer(
         self,
-        target: TargetAdapter,
+        target,
         layer_idx: int,
         h: torch.Tensor,  # [G, B, hidden] mask hidden entering deep layer `layer_idx`
         positions: torch.Tensor,  # [G, B] absolute positions (ctx_g .. ctx_g+B-1)
-        k_ctx: torch.Tensor,  # [T, Hkv, D] real keys of this request in this layer (RoPE'd)
-        v_ctx: torch.Tensor,  # [T, Hkv, D]
-        ctx_lens: torch.Tensor,  # [G]
+        attend: Callable,  # (q [G,B,Hq,D], k, v [G,B,Hkv,D]) -> [G,B,Hq,D]: block attention
     ) -> torch.Tensor:  # [G, B, hidden]
+        """One deep layer for mask rows: shared norms and MLP, tuned projectors.
+
+        `attend` supplies the real-token K/V of this layer (dense reference,
+        paged-cache gather, or the Triton kernel); masks never write them.
+        """
         G, B, hid = h.shape
         layer = target.layers[layer_idx]
         proj = self.mask_attn[layer_idx - self.config.split_layer]
         x = layer.input_layernorm(h.reshape(G * B, hid))
-        cos, sin = target.rope(positions.reshape(-1), x)
-        q, k, v = target.project_qkv(proj, x, cos, sin)
+        q, k, v = target.project_qkv(proj, x, positions.reshape(-1))
         shp = lambda t: t.view(G, B, t.shape[1], t.shape[2])  # noqa: E731
-        a = block_attention(shp(q), shp(k), shp(v), k_ctx, v_ctx, ctx_lens, target.scale)
+        a = attend(shp(q), shp(k), shp(v))
         h = h + proj.o_proj(a.reshape(G, B, -1))
         return target.mlp_block(layer, h)
 
@@ -106,23 +134,22 @@ class FlexDraftDrafter(nn.Module):
 
     def draft_hidden(
         self,
-        target: TargetAdapter,
-        ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per deep layer: (k, v) [T, Hkv, D]
+        target,
         ctx_lens: torch.Tensor,  # [G] context length (= bonus position) of each block
+        attend_for_layer: Callable[[int], Callable],  # layer index -> attend callback
     ) -> torch.Tensor:  # [G, B, hidden] final-normed
-        """Run G mask blocks through the deep layers over given real K/V."""
+        """Run G mask blocks through the deep layers only (sequential draft pass)."""
         B = self.config.block_size
         G = ctx_lens.shape[0]
         positions = ctx_lens[:, None] + torch.arange(B, device=ctx_lens.device)[None, :]
         h = self.initial_mask_hidden(G, B)
-        for i, l in enumerate(self.config.deep_layers):
-            k, v = ctx_kv[i]
-            h = self.mask_layer(target, l, h, positions, k, v, ctx_lens)
+        for l in self.config.deep_layers:
+            h = self.mask_layer(target, l, h, positions, attend_for_layer(l))
         return target.final_hidden(h)
 
     def draft_logits(
         self,
-        target: TargetAdapter,
+        target,
         normed: torch.Tensor,  # [..., hidden] final-normed hidden of draft masks
         bonus_ids: torch.Tensor,  # [...] the resolved bonus each mask is anchored on
     ) -> torch.Tensor:  # [..., V]
@@ -141,7 +168,7 @@ class FlexDraftDrafter(nn.Module):
     def load(
         cls,
         path: str | Path,
-        target: TargetAdapter,
+        target,
         runtime: dict | None = None,
         target_fingerprint: str | None = None,
     ) -> "FlexDraftDrafter":

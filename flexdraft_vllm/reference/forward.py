@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexdraft_vllm.reference.attention import causal_attention
-from flexdraft_vllm.reference.drafter import FlexDraftDrafter
+from flexdraft_vllm.reference.drafter import FlexDraftDrafter, dense_block_attend
 from flexdraft_vllm.reference.target import TargetAdapter
 
 
@@ -70,7 +70,6 @@ def step_forward(
     lens = [int(c.numel()) for c in candidates]
     positions = torch.cat([torch.arange(c.length, c.length + n, device=dev) for c, n in zip(caches, lens)])
     x = target.embed(torch.cat(candidates).to(dev))
-    cos, sin = target.rope(positions, x)
     splits = torch.tensor(lens).cumsum(0).tolist()
     starts = [0] + splits[:-1]
 
@@ -87,7 +86,7 @@ def step_forward(
     new_v: list[list[torch.Tensor]] = [[] for _ in caches]
     for l, layer in enumerate(target.layers):
         xn = layer.input_layernorm(x)
-        q, k, v = target.project_qkv(layer.self_attn, xn, cos, sin)
+        q, k, v = target.project_qkv(layer.self_attn, xn, positions)
         outs = []
         for r, cache in enumerate(caches):
             a, b = starts[r], splits[r]
@@ -97,7 +96,8 @@ def step_forward(
             new_v[r].append(v[a:b])
             outs.append(causal_attention(q[a:b], K, V, target.scale))
             if l >= s and mask_h[r] is not None:
-                mask_h[r] = drafter.mask_layer(target, l, mask_h[r], mask_pos[r], K, V, ctx_lens[r])
+                attend = dense_block_attend(K, V, ctx_lens[r], target.scale)
+                mask_h[r] = drafter.mask_layer(target, l, mask_h[r], mask_pos[r], attend)
         x = x + layer.self_attn.o_proj(torch.cat(outs).reshape(x.shape[0], -1))
         x = target.mlp_block(layer, x)
     logits = target.logits(target.final_hidden(x))
@@ -117,10 +117,9 @@ def draft_pass(
 ) -> list[torch.Tensor]:  # per request [1, B, h] final-normed
     """Sequential mode: one block per request right after its cache (bonus slot
     = cache_len), deep layers only, over the committed K/V."""
-    deep = drafter.config.deep_layers
     out = []
     for cache in caches:
         ctx = torch.tensor([cache.length], device=target.device)
-        kv = [cache.layer_kv(l, target) for l in deep]
-        out.append(drafter.draft_hidden(target, kv, ctx))
+        out.append(drafter.draft_hidden(
+            target, ctx, lambda l, c=cache, ctx=ctx: dense_block_attend(*c.layer_kv(l, target), ctx, target.scale)))
     return out

@@ -82,13 +82,20 @@ class TargetAdapter:
         cos, sin = self.rotary_emb(like, positions[None])
         return cos[0], sin[0]
 
-    def project_qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q: [n, Hq, D], k/v: [n, Hkv, D] with RoPE applied.
+    def make_mask_projector(self, layer_idx: int) -> nn.Module:
+        """A trainable copy of layer `layer_idx`'s attention projectors."""
+        from flexdraft_vllm.reference.drafter import MaskProjector
+
+        return MaskProjector.copy_of(self.layers[layer_idx].self_attn)
+
+    def project_qkv(self, attn: nn.Module, x: torch.Tensor, positions: torch.Tensor):
+        """q: [n, Hq, D], k/v: [n, Hkv, D] with RoPE applied at `positions` [n].
 
         `attn` is either the target layer's self_attn (frozen, real rows) or a
         FlexDraft mask projector with the same attribute names (mask rows).
         """
         n = x.shape[0]
+        cos, sin = self.rope(positions, x)
         q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)

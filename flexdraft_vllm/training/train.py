@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from flexdraft_vllm.config import FlexDraftConfig
 from flexdraft_vllm.prepare import default_model_dir, weights_fingerprint
-from flexdraft_vllm.reference.drafter import FlexDraftDrafter
+from flexdraft_vllm.reference.drafter import FlexDraftDrafter, dense_block_attend
 from flexdraft_vllm.reference.target import TargetAdapter, load_target
 from flexdraft_vllm.training.data import build_dataset, build_kv_shards
 
@@ -87,7 +87,9 @@ def block_batch(items: list[dict], rng: random.Random, cfg: TrainConfig):
 
 def draft_forward(target: TargetAdapter, drafter: FlexDraftDrafter, it: dict, ctx: torch.Tensor) -> torch.Tensor:
     kv = it["kv"].float()  # [n_deep, 2, T, Hkv, D]
-    return drafter.draft_hidden(target, [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])], ctx)
+    s = drafter.config.split_layer
+    return drafter.draft_hidden(
+        target, ctx, lambda l: dense_block_attend(kv[l - s, 0], kv[l - s, 1], ctx, target.scale))
 
 
 @torch.no_grad()
