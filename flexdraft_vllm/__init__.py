@@ -25,3 +25,13 @@ def register() -> None:
 
 def is_registered() -> bool:
     return _REGISTERED
+
+
+def __getattr__(name: str):
+    # `speculative_config={"model": "flexdraft_vllm.FlexDraft"}` resolves here,
+    # importing the vLLM-side code only when FlexDraft is actually enabled.
+    if name == "FlexDraft":
+        from flexdraft_vllm.vllm_integration.proposer import FlexDraftProposer
+
+        return FlexDraftProposer
+    raise AttributeError(f"module 'flexdraft_vllm' has no attribute {name!r}")

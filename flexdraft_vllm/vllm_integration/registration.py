@@ -1,7 +1,8 @@
 """What register() does inside vLLM. Runs in every vLLM process.
 
-Registration is declarative and lazy: model classes are registered by import
-path so nothing heavy is imported until vLLM builds that model.
+Cheap and lazy: the runner patch wraps one method (imports vLLM's runner
+module, which every engine process imports anyway); the proposer class is
+imported by vLLM only when a speculative_config names it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ logger = logging.getLogger("flexdraft_vllm")
 
 
 def register_with_vllm() -> None:
-    from flexdraft_vllm.version_check import check_vllm_version, UnsupportedVLLMVersion
+    from flexdraft_vllm.version_check import UnsupportedVLLMVersion, check_vllm_version
 
     try:
         v = check_vllm_version()
@@ -21,4 +22,7 @@ def register_with_vllm() -> None:
         # FlexDraft; enabling it re-checks and raises this error.
         logger.warning("%s FlexDraft stays disabled.", e)
         return
+    from flexdraft_vllm.vllm_integration import patches
+
+    patches.apply()
     logger.debug("flexdraft_vllm registered with vLLM %s", v)

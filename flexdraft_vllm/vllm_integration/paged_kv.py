@@ -1,0 +1,54 @@
+"""Real-token K/V of one request, read back from vLLM's paged KV cache.
+
+CPU backend (CPU_ATTN) layout: kv_cache [num_blocks, Hkv, block_size, 2*D],
+which the backend views as [num_blocks, Hkv, 2*block_size, D]: per block and
+head, block_size key rows then block_size value rows.
+CUDA backends (FLASH_ATTN, TRITON_ATTN): [2, num_blocks, block_size, Hkv, D];
+there the Triton kernel (flexdraft_kernels.mask_attention) reads the pages
+directly and nothing is gathered.
+
+Invariant: only positions [0, n) are read; they hold committed (or this step's
+just-verified) real tokens. Nothing is ever written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_cpu_layout(
+    kv_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, 2*D]
+    block_row: torch.Tensor,  # [max_blocks] int, the request's block table row
+    n: int,  # tokens to read
+) -> tuple[torch.Tensor, torch.Tensor]:  # k, v: [n, Hkv, D]
+    nb, hkv, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    used = (n + bs - 1) // bs
+    pages = kv_cache.view(nb, hkv, 2 * bs, d)[block_row[:used].long()]  # [used, Hkv, 2bs, D]
+    k = pages[:, :, :bs].permute(0, 2, 1, 3).reshape(used * bs, hkv, d)[:n]
+    v = pages[:, :, bs:].permute(0, 2, 1, 3).reshape(used * bs, hkv, d)[:n]
+    return k, v
+
+
+def gather_flash_layout(
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
+    block_row: torch.Tensor,  # [max_blocks]
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # k, v: [n, Hkv, D]
+    _, nb, bs, hkv, d = kv_cache.shape
+    used = (n + bs - 1) // bs
+    idx = block_row[:used].long()
+    k = kv_cache[0, idx].reshape(used * bs, hkv, d)[:n]
+    v = kv_cache[1, idx].reshape(used * bs, hkv, d)[:n]
+    return k, v
+
+
+def gather(kv_cache: torch.Tensor, block_row: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if kv_cache.dim() == 4:
+        return gather_cpu_layout(kv_cache, block_row, n)
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return gather_flash_layout(kv_cache, block_row, n)
+    raise NotImplementedError(
+        f"FlexDraft cannot read this KV-cache layout {tuple(kv_cache.shape)}; supported: the CPU_ATTN "
+        f"and FLASH_ATTN/TRITON_ATTN layouts (unquantized KV cache)"
+    )

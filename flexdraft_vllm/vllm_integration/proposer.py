@@ -1,0 +1,148 @@
+"""FlexDraftProposer: FlexDraft as a vLLM 0.32 speculative proposer.
+
+vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
+"num_speculative_tokens": K}` (method "custom_class"). Terms per step and request:
+
+  bonus      the token vLLM just sampled for the request (accepted drafts +
+             recovered/bonus token are already in its output); not yet in the
+             KV cache; it sits at position ctx = num_tokens_no_spec - 1.
+  draft pass one block of B masks at positions ctx .. ctx+B-1 through the deep
+             layers only, attending to the request's paged KV cache [0, ctx)
+             (which now holds exactly the accepted tokens) plus its own block.
+             Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
+             with the bonus. This is parallel mode's group `a` computed after
+             verification instead of speculatively before it.
+  drafts     argmax of the calibrated logits, trimmed by confidence
+             (verify_length). vLLM verifies drafts as one-hot proposals, which
+             is lossless for any draft choice; argmax maximises acceptance.
+
+Invariants: the target's weights and real-token K/V are only read; mask K/V
+live in temporaries; a request gets no drafts when its prefill is unfinished,
+when the policy says "off", or when drafts would pass max_model_len.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
+from flexdraft_vllm.reference.attention import block_attention
+from flexdraft_vllm.reference.confidence import verify_length
+from flexdraft_vllm.reference.drafter import FlexDraftDrafter
+from flexdraft_vllm.vllm_integration import paged_kv
+from flexdraft_vllm.vllm_integration.policy import FlexPolicy
+from flexdraft_vllm.vllm_integration.options import resolve_options
+
+logger = logging.getLogger("flexdraft_vllm")
+
+
+class FlexDraftProposer:
+    def __init__(self, vllm_config):
+        from flexdraft_vllm.version_check import check_vllm_version
+
+        check_vllm_version()
+        from flexdraft_vllm.vllm_integration import patches
+
+        patches.apply()  # the runner hook; idempotent (normally done by register())
+        self.vllm_config = vllm_config
+        model_cfg = vllm_config.model_config
+        opts = resolve_options(vllm_config.additional_config, model_cfg)
+        self.config: FlexDraftConfig = opts.config
+        self.drafter_path: Path = opts.drafter_path
+        spec = vllm_config.speculative_config
+        self.max_drafts = min(self.config.num_drafts, spec.num_speculative_tokens)
+        self.max_model_len = model_cfg.max_model_len
+        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
+            raise FlexDraftConfigError("FlexDraft supports tensor_parallel_size=1 and pipeline_parallel_size=1 only")
+        self.policy = FlexPolicy(mode=self.config.mode)
+        self.drafter: FlexDraftDrafter | None = None
+        self.view = None
+        self.draft_seconds = 0.0
+        self._log_at = time.monotonic() + 30.0
+
+    # ---- vLLM hooks ---------------------------------------------------------------
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        from flexdraft_vllm.reference.drafter import WEIGHTS_FILE
+        from flexdraft_vllm.vllm_integration.target_view import VllmTargetView
+
+        self.view = VllmTargetView(target_model)
+        drafter = FlexDraftDrafter(self.config, self.view)
+        sd = load_file(str(self.drafter_path / WEIGHTS_FILE))
+        missing, unexpected = drafter.load_state_dict({k: v.to(self.view.dtype) for k, v in sd.items()}, strict=False)
+        if missing or unexpected:
+            raise FlexDraftConfigError(
+                f"drafter checkpoint {self.drafter_path} does not fit this target "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}): retrain it for this model"
+            )
+        self.drafter = drafter.to(device=self.view.device, dtype=self.view.dtype).eval()
+        logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s)",
+                    self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode)
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError(
+            "FlexDraft's model-runner hook is not installed in this process, so drafts cannot be "
+            "computed. The flexdraft_vllm plugin must be loaded by vLLM (pip install flexdraft-vllm "
+            "registers it; check VLLM_PLUGINS does not exclude 'flexdraft')."
+        )
+
+    # ---- the draft pass ------------------------------------------------------------
+    @torch.inference_mode()
+    def propose_for_runner(self, runner, sampled_token_ids: list[list[int]], block_table: torch.Tensor) -> list[list[int]]:
+        """Called by the patched runner after sampling; returns drafts per request."""
+        n_req = len(sampled_token_ids)
+        self.policy.observe(sum(len(s) for s in sampled_token_ids))
+        drafts: list[list[int]] = [[] for _ in range(n_req)]
+        live = [i for i, s in enumerate(sampled_token_ids) if s]
+        if not live or self.drafter is None or self.policy.decide(len(live)) == "off":
+            return drafts
+        t0 = time.perf_counter()
+        ntok = runner.input_batch.num_tokens_no_spec
+        B = self.config.block_size
+        # room for drafts: positions up to max_model_len - 1 (the bonus sits at ctx)
+        rows = [(i, int(ntok[i]) - 1) for i in live if int(ntok[i]) + 1 < self.max_model_len]
+        if rows:
+            idx = torch.tensor([i for i, _ in rows], device=self.view.device)
+            ctx = torch.tensor([c for _, c in rows], device=self.view.device)
+            bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
+            normed = self.drafter.draft_hidden(self.view, ctx, lambda l: self._attend(l, block_table, idx, ctx))
+            logits = self.drafter.draft_logits(self.view, normed[:, 1 : 1 + self.max_drafts],
+                                               bonus[:, None].expand(-1, min(B - 1, self.max_drafts)))
+            probs = logits.float().softmax(-1)
+            conf, ids = probs.max(-1)  # [N, K]
+            n = verify_length(conf, self.config.verify_rule, self.config.tau, self.config.min_confidence, self.max_drafts)
+            ids, n = ids.tolist(), n.tolist()
+            for r, (i, c) in enumerate(rows):
+                room = self.max_model_len - (c + 1) - 1
+                drafts[i] = ids[r][: max(0, min(n[r], room))]
+        self.draft_seconds += time.perf_counter() - t0
+        self._maybe_log()
+        return drafts
+
+    def _attend(self, layer_idx: int, block_table: torch.Tensor, idx: torch.Tensor, ctx: torch.Tensor):
+        kv_cache = self.view.kv_cache(layer_idx)
+        scale = self.view.scale
+
+        def attend(q, k, v):  # [N, B, H, D]: one block per request
+            if kv_cache.is_cuda:
+                from flexdraft_kernels.mask_attention import mask_attention_for_blocks
+
+                return mask_attention_for_blocks(q, k, v, kv_cache, block_table, idx, ctx, scale)
+            out = torch.empty_like(q)
+            for r in range(q.shape[0]):
+                kc, vc = paged_kv.gather(kv_cache, block_table[int(idx[r])], int(ctx[r]))
+                out[r : r + 1] = block_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1], kc, vc, ctx[r : r + 1], scale)
+            return out
+
+        return attend
+
+    def _maybe_log(self) -> None:
+        if time.monotonic() < self._log_at:
+            return
+        self._log_at = time.monotonic() + 30.0
+        logger.info("FlexDraft: policy %s, draft pass %.1f s total", self.policy.summary(), self.draft_seconds)
