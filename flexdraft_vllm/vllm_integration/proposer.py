@@ -24,6 +24,7 @@ when the policy says "off", or when drafts would pass max_model_len.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -58,7 +59,16 @@ class FlexDraftProposer:
         self.max_model_len = model_cfg.max_model_len
         if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
             raise FlexDraftConfigError("FlexDraft supports tensor_parallel_size=1 and pipeline_parallel_size=1 only")
+        if self.config.mode == "parallel":
+            raise FlexDraftConfigError(
+                "FlexDraft mode 'parallel' (drafts fused into the verify forward) is implemented in the "
+                "reference decoder only, not yet inside vLLM; use mode 'sequential' or 'flex'"
+            )
         self.policy = FlexPolicy(mode=self.config.mode)
+        # FLEXDRAFT_RECORD_DRAFTS=N keeps the first N (prefix, drafts, confidences)
+        # for tests that check the paged draft pass against the reference.
+        self.record_limit = int(os.environ.get("FLEXDRAFT_RECORD_DRAFTS", "0"))
+        self.records: list[dict] = []
         self.drafter: FlexDraftDrafter | None = None
         self.view = None
         self.draft_seconds = 0.0
@@ -117,12 +127,21 @@ class FlexDraftProposer:
             conf, ids = probs.max(-1)  # [N, K]
             n = verify_length(conf, self.config.verify_rule, self.config.tau, self.config.min_confidence, self.max_drafts)
             ids, n = ids.tolist(), n.tolist()
+            if len(self.records) < self.record_limit:
+                self._record(runner, rows, ids, conf, n)
             for r, (i, c) in enumerate(rows):
                 room = self.max_model_len - (c + 1) - 1
                 drafts[i] = ids[r][: max(0, min(n[r], room))]
         self.draft_seconds += time.perf_counter() - t0
         self._maybe_log()
         return drafts
+
+    def _record(self, runner, rows, ids, conf, n) -> None:
+        tok = runner.input_batch.token_ids_cpu
+        for r, (i, c) in enumerate(rows):
+            if len(self.records) >= self.record_limit:
+                return
+            self.records.append({"prefix": tok[i, : c + 1].tolist(), "ids": ids[r], "conf": conf[r].tolist(), "n": n[r]})
 
     def _attend(self, layer_idx: int, block_table: torch.Tensor, idx: torch.Tensor, ctx: torch.Tensor):
         kv_cache = self.view.kv_cache(layer_idx)

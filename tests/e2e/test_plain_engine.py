@@ -19,9 +19,7 @@ def _worker_state(worker):
 
 @pytest.fixture(scope="module")
 def mp_llm(target_dir):
-    # Multiprocess engine: the worker runs in a process vLLM started itself.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # to send _worker_state
+    # conftest runs engines multiprocess: the worker is a process vLLM started itself.
     from vllm import LLM
 
     from flexdraft_vllm.engine_defaults import default_engine_kwargs
