@@ -10,24 +10,79 @@ Each entry says why it exists and which upstream change would remove it.
    runner to FlexDraftProposer and leaves every other proposer untouched.
    Remove when: custom proposers receive common_attn_metadata / the input
    batch (as EAGLE-style proposers already do in propose()).
+
+2. CpuPlatform.register_triton_kernel_overrides (CPU backend only)
+   Why: vLLM 0.32's C++ fallback for rejection_sampler.expand_kernel
+   (cpu_triton_utils._expand_kernel_impl) converts `output` and `input` to
+   int64 copies. For the float tensors the rejection sampler expands
+   (temperature, top_p) the result is written into a temporary and the real
+   output stays uninitialised (and 0.7 would truncate to 0 anyway), so every
+   speculative method (ngram, EAGLE, FlexDraft) samples from garbage logits at
+   temperature > 0 on CPU. Greedy is unaffected. After vLLM registers its
+   overrides we register a dtype-preserving torch implementation for that one
+   kernel. Remove when: _expand_kernel_impl keeps the tensors' dtypes.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
+
 _APPLIED = False
+EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
 
 
 def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
+    _patch_runner_propose()
+    _patch_cpu_kernel_overrides()
+    _APPLIED = True
+
+
+def expand_batch_to_tokens_impl(
+    output: torch.Tensor,  # [num_tokens] any dtype
+    input_val: torch.Tensor,  # [batch_size] same dtype
+    cu_num_tokens: torch.Tensor,  # [batch_size] int, cumulative tokens per request
+    replace_from,
+    replace_to,
+    MAX_NUM_TOKENS=None,
+) -> None:
+    """What expand_kernel computes: output[t] = input[req(t)], with
+    replace_from -> replace_to, in the tensors' own dtypes."""
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    vals = torch.where(input_val == replace_from, torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
+    n = int(cu_num_tokens[-1]) if cu_num_tokens.numel() else 0
+    output[:n] = vals.repeat_interleave(counts)
+
+
+def _patch_cpu_kernel_overrides() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.register_triton_kernel_overrides.__func__
+    if getattr(original, "_flexdraft_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def register_triton_kernel_overrides(cls) -> None:
+        original(cls)
+        from vllm.triton_utils.dispatcher import _registry, register_kernels
+
+        if EXPAND_KERNEL in _registry:  # vLLM installed its C++ fallback: replace that one
+            _registry.pop(EXPAND_KERNEL)  # a deliberate replacement, not the "overwriting" warning case
+            register_kernels({EXPAND_KERNEL: expand_batch_to_tokens_impl})
+
+    register_triton_kernel_overrides._flexdraft_wrapped = True  # type: ignore[attr-defined]
+    CpuPlatform.register_triton_kernel_overrides = classmethod(register_triton_kernel_overrides)
+
+
+def _patch_runner_propose() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner.propose_draft_token_ids
     if getattr(original, "_flexdraft_wrapped", False):
-        _APPLIED = True
         return
 
     @functools.wraps(original)
@@ -46,4 +101,3 @@ def apply() -> None:
 
     propose_draft_token_ids._flexdraft_wrapped = True  # type: ignore[attr-defined]
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
-    _APPLIED = True
