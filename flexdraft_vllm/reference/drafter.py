@@ -180,6 +180,14 @@ class FlexDraftDrafter(nn.Module):
         if not wfile.is_file():
             raise FlexDraftConfigError(f"drafter checkpoint {path} has config.json but no {WEIGHTS_FILE}")
         sd = load_file(str(wfile))
+        own = drafter.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape]
+        if shapes:
+            raise FlexDraftConfigError(
+                f"drafter checkpoint {path} does not match its config (weight shapes {shapes[:4]}): "
+                f"config.json and {WEIGHTS_FILE} come from different checkpoints; retrain it"
+            )
         missing, unexpected = drafter.load_state_dict(
             {k: v.to(target.dtype) for k, v in sd.items()}, strict=False
         )

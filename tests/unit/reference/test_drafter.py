@@ -1,0 +1,261 @@
+"""reference/drafter.py: weights, calibrator, checkpoint format and its checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from flexdraft_vllm.config import CONFIG_KEY, FlexDraftConfig, FlexDraftConfigError
+from flexdraft_vllm.reference.drafter import (
+    WEIGHTS_FILE,
+    Calibrator,
+    FlexDraftDrafter,
+    MaskProjector,
+    dense_block_attend,
+)
+
+from conftest import BUNDLED_DRAFTER
+
+
+def _tiny_drafter(target, *, split=2, block=4, calibrator="tied", fingerprint="feedfacefeedface", seed=1):
+    cfg = FlexDraftConfig.for_target(target.cfg, split_layer=split, block_size=block, target_model_id="tiny/llama",
+                                     target_fingerprint=fingerprint, calibrator=calibrator, calib_rank=16)
+    d = FlexDraftDrafter(cfg, target)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # move every weight away from its init, so a lost tensor shows
+        for p in d.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return d
+
+
+def _saved(tmp_path, target, **kw):
+    d = _tiny_drafter(target, **kw)
+    path = tmp_path / "drafter"
+    d.save(path, dtype=torch.float32)
+    return d, path
+
+
+# ---- projectors ---------------------------------------------------------------------
+def test_mask_projector_is_a_trainable_independent_copy(tiny_target):
+    attn = tiny_target.layers[3].self_attn
+    m = MaskProjector.copy_of(attn)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        torch.testing.assert_close(getattr(m, name).weight, getattr(attn, name).weight, rtol=0, atol=0)
+    assert m.q_norm is None and m.k_norm is None  # Llama has none
+    assert all(p.requires_grad for p in m.parameters())
+    assert not any(p.requires_grad for p in tiny_target.hf.parameters())  # target stays frozen
+    with torch.no_grad():
+        m.q_proj.weight.add_(1.0)
+    assert not torch.equal(m.q_proj.weight, attn.q_proj.weight)
+
+
+def test_drafter_layout(tiny_target):
+    d = _tiny_drafter(tiny_target, split=1, block=5)
+    assert len(d.mask_attn) == 3  # deep layers 1..3 of 4
+    assert d.mask_embedding.shape == (48,)
+    names = set(d.state_dict())
+    assert "mask_embedding" in names and "calibrator.fc1.weight" in names
+    assert "mask_attn.2.o_proj.weight" in names and "mask_attn.3.q_proj.weight" not in names
+
+
+# ---- calibrator -----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["tied", "full"])
+def test_calibrator_is_identity_at_init(kind):
+    torch.manual_seed(0)
+    h, V = 16, 40
+    cal = Calibrator(h, 8, V, kind)
+    lm = torch.randn(V, h)
+    normed, bonus = torch.randn(3, 5, h), torch.randn(3, 5, h)
+    torch.testing.assert_close(cal(normed, bonus, lm), normed @ lm.t())
+
+
+@pytest.mark.parametrize("kind", ["tied", "full"])
+def test_trained_calibrator_uses_the_bonus(kind):
+    torch.manual_seed(0)
+    h, V = 16, 40
+    cal = Calibrator(h, 8, V, kind)
+    torch.nn.init.normal_(cal.fc2.weight)
+    lm = torch.randn(V, h)
+    normed, bonus = torch.randn(4, h), torch.randn(4, h)
+    out = cal(normed, bonus, lm)
+    c = cal.fc2(torch.nn.functional.silu(cal.fc1(torch.cat([bonus, normed], -1))))
+    want = (normed + c) @ lm.t() if kind == "tied" else normed @ lm.t() + c
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(cal(normed, bonus.flip(0), lm), out)  # anchored on the bonus
+
+
+def test_fresh_drafter_logits_are_the_lm_head(tiny_target):
+    cfg = FlexDraftConfig.for_target(tiny_target.cfg, split_layer=2, block_size=4)
+    d = FlexDraftDrafter(cfg, tiny_target)
+    normed = torch.randn(2, 3, 48)
+    bonus = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    torch.testing.assert_close(d.draft_logits(tiny_target, normed, bonus), tiny_target.logits(normed))
+
+
+# ---- checkpoint round trip ------------------------------------------------------------
+def _assert_same_weights(a, b, **tol):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], **tol, msg=k)
+
+
+def test_save_load_round_trip_float32(tmp_path, tiny_target):
+    d, path = _saved(tmp_path, tiny_target)
+    cfg_json = json.loads((path / "config.json").read_text())
+    assert cfg_json["architectures"] == ["FlexDraftDrafter"]
+    assert cfg_json[CONFIG_KEY] == d.config.weights_dict()
+    back = FlexDraftDrafter.load(path, tiny_target, target_fingerprint="feedfacefeedface")
+    _assert_same_weights(d, back, rtol=0, atol=0)
+    assert back.config == d.config and not back.training
+    # same drafts: one block after a 6-token context
+    L, B = tiny_target.num_layers, d.config.block_size
+    kv = {l: (torch.randn(6, 2, 8), torch.randn(6, 2, 8)) for l in range(L)}
+    ctx = torch.tensor([6])
+    att = lambda l: dense_block_attend(*kv[l], ctx, tiny_target.scale)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(back.draft_hidden(tiny_target, ctx, att), d.draft_hidden(tiny_target, ctx, att))
+    assert back.draft_hidden(tiny_target, ctx, att).shape == (1, B, 48)
+
+
+def test_default_save_is_half_precision(tmp_path, tiny_target):
+    d = _tiny_drafter(tiny_target)
+    d.save(tmp_path / "fp16")
+    with safe_open(str(tmp_path / "fp16" / WEIGHTS_FILE), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    back = FlexDraftDrafter.load(tmp_path / "fp16", tiny_target)
+    for k, v in d.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v.half().float(), rtol=0, atol=0, msg=k)
+    assert back.mask_embedding.dtype == tiny_target.dtype
+
+
+def test_load_with_runtime_options(tmp_path, tiny_target):
+    _, path = _saved(tmp_path, tiny_target)
+    back = FlexDraftDrafter.load(path, tiny_target, runtime={"mode": "sequential", "max_verify": 2})
+    assert back.config.mode == "sequential" and back.config.num_drafts == 2
+    with pytest.raises(FlexDraftConfigError, match="block_size"):
+        FlexDraftDrafter.load(path, tiny_target, runtime={"block_size": 3})
+
+
+# ---- checkpoint problems -> clear errors ------------------------------------------------------
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ({"hidden_size": 60}, "hidden_size: drafter 48 vs target 60"),
+        ({"num_hidden_layers": 6}, "num_hidden_layers: drafter 4 vs target 6"),
+        ({"vocab_size": 100}, "vocab_size: drafter 96 vs target 100"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads: drafter 2 vs target 3"),
+    ],
+)
+def test_load_against_a_different_target(tmp_path, tiny_target, make_tiny, override, needle):
+    _, path = _saved(tmp_path, tiny_target)
+    other = make_tiny(**override)
+    with pytest.raises(FlexDraftConfigError) as e:
+        FlexDraftDrafter.load(path, other)
+    msg = str(e.value)
+    assert needle in msg, msg
+    assert "tiny/llama" in msg and "python -m flexdraft_vllm.training.train" in msg
+
+
+def test_load_against_a_shallower_target(tmp_path, make_tiny):
+    big = make_tiny(num_hidden_layers=6)
+    _, path = _saved(tmp_path, big, split=4)
+    with pytest.raises(FlexDraftConfigError) as e:
+        FlexDraftDrafter.load(path, make_tiny(num_hidden_layers=3))
+    assert "num_hidden_layers: drafter 6 vs target 3" in str(e.value)
+
+
+def test_load_with_another_target_fingerprint(tmp_path, tiny_target):
+    _, path = _saved(tmp_path, tiny_target)
+    with pytest.raises(FlexDraftConfigError) as e:
+        FlexDraftDrafter.load(path, tiny_target, target_fingerprint="0000000000000000")
+    msg = str(e.value)
+    assert "feedfacefeedface" in msg and "0000000000000000" in msg and "Retrain" in msg
+
+
+def test_missing_checkpoint_folder(tmp_path, tiny_target):
+    with pytest.raises(FlexDraftConfigError) as e:
+        FlexDraftDrafter.load(tmp_path / "does-not-exist", tiny_target)
+    assert "does-not-exist" in str(e.value) and "missing config.json" in str(e.value)
+
+
+def test_missing_config_json(tmp_path, tiny_target):
+    _, path = _saved(tmp_path, tiny_target)
+    (path / "config.json").unlink()
+    with pytest.raises(FlexDraftConfigError, match="missing config.json"):
+        FlexDraftDrafter.load(path, tiny_target)
+
+
+def test_missing_weights_file(tmp_path, tiny_target):
+    _, path = _saved(tmp_path, tiny_target)
+    (path / WEIGHTS_FILE).unlink()
+    with pytest.raises(FlexDraftConfigError) as e:
+        FlexDraftDrafter.load(path, tiny_target)
+    assert WEIGHTS_FILE in str(e.value) and str(path) in str(e.value)
+
+
+def test_weights_missing_a_tensor(tmp_path, tiny_target):
+    _, path = _saved(tmp_path, tiny_target)
+    sd = load_file(str(path / WEIGHTS_FILE))
+    sd.pop("mask_attn.1.k_proj.weight")
+    save_file(sd, str(path / WEIGHTS_FILE))
+    with pytest.raises(FlexDraftConfigError, match="does not match its config.*mask_attn.1.k_proj.weight"):
+        FlexDraftDrafter.load(path, tiny_target)
+
+
+def test_weights_with_wrong_shapes(tmp_path, tiny_target):
+    """config.json and weights disagree (e.g. calib_rank edited, or files from two
+    checkpoints mixed): a FlexDraftConfigError, not a bare torch RuntimeError."""
+    _, path = _saved(tmp_path, tiny_target)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[CONFIG_KEY]["calib_rank"] = 8
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlexDraftConfigError, match="does not match its config"):
+        FlexDraftDrafter.load(path, tiny_target)
+
+
+def test_not_a_drafter_folder(tmp_path, tiny_target, target_dir):
+    shutil.copy(target_dir / "config.json", tmp_path / "config.json")  # a model folder, not a drafter
+    with pytest.raises(FlexDraftConfigError, match="not a FlexDraft drafter"):
+        FlexDraftDrafter.load(tmp_path, tiny_target)
+
+
+# ---- Qwen-family targets (q/k norms, qkv biases) go through the same code --------------------
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3"])
+def test_round_trip_for_qwen_targets(tmp_path, arch):
+    import transformers
+
+    from flexdraft_vllm.reference.target import TargetAdapter
+
+    cfg_cls = getattr(transformers, f"{arch}Config")
+    model_cls = getattr(transformers, f"{arch}ForCausalLM")
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           max_position_embeddings=128, architectures=[f"{arch}ForCausalLM"])).float()
+    t = TargetAdapter(hf)
+    d = _tiny_drafter(t, split=1, block=3)
+    keys = set(d.state_dict())
+    if arch == "Qwen3":
+        assert "mask_attn.0.q_norm.weight" in keys and "mask_attn.1.k_norm.weight" in keys
+    else:
+        assert "mask_attn.0.q_proj.bias" in keys and "mask_attn.0.o_proj.bias" not in keys
+    d.save(tmp_path / arch, dtype=torch.float32)
+    _assert_same_weights(d, FlexDraftDrafter.load(tmp_path / arch, t), rtol=0, atol=0)
+
+
+# ---- the bundled drafter -------------------------------------------------------------------------
+def test_bundled_drafter_fits_the_target(drafter, target):
+    cfg = drafter.config
+    assert cfg.target_architecture == "LlamaForCausalLM"
+    assert cfg.num_hidden_layers == target.num_layers and cfg.hidden_size == target.cfg.hidden_size
+    assert len(drafter.mask_attn) == target.num_layers - cfg.split_layer
+    size_mb = (BUNDLED_DRAFTER / WEIGHTS_FILE).stat().st_size / 2**20
+    assert size_mb < 40, f"bundled drafter is {size_mb:.1f} MB"
+    with safe_open(str(BUNDLED_DRAFTER / WEIGHTS_FILE), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.bfloat16}
