@@ -356,7 +356,9 @@ def _engine_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _load_prompts(args: argparse.Namespace) -> tuple[list[str], int]:
+def select_prompts(args: argparse.Namespace) -> tuple[list[str], list[str], int]:
+    """(raw prompts, chat-templated prompts, number dropped): the first
+    --num-prompts of the set whose templated length leaves room for max_tokens."""
     from transformers import AutoTokenizer
 
     from flexdraft_vllm.prompts import apply_chat_template, load_prompts
@@ -365,8 +367,8 @@ def _load_prompts(args: argparse.Namespace) -> tuple[list[str], int]:
     chat = apply_chat_template(str(args.model), raw)
     tok = AutoTokenizer.from_pretrained(str(args.model))
     room = args.max_model_len - args.max_tokens - 16
-    keep = [p for p in chat if len(tok(p).input_ids) <= room]
-    return keep[: args.num_prompts], len(chat) - len(keep)
+    keep = [(r, c) for r, c in zip(raw, chat) if len(tok(c).input_ids) <= room][: args.num_prompts]
+    return [r for r, _ in keep], [c for _, c in keep], sum(1 for c in chat if len(tok(c).input_ids) > room)
 
 
 def _run_worker(method: str, spec: dict[str, Any], out_dir: Path, env: dict[str, str], cmd_prefix: list[str]) -> int:
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     res_path = out_dir / "results.json"
 
-    prompts, dropped = _load_prompts(args)
+    _, prompts, dropped = select_prompts(args)
     if len(prompts) < args.num_prompts:
         print(f"note: {len(prompts)} prompts available (asked {args.num_prompts}; {dropped} too long dropped)")
     config = sweep_config(args, prompts)
