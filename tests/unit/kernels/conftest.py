@@ -47,11 +47,6 @@ def _args_inside_here(config) -> bool:
     return True
 
 
-def kernel_test_mode() -> str:
-    assert _mode is not None, "conftest not configured"
-    return _mode
-
-
 def pytest_configure(config):
     global _mode
     if _mode is not None:

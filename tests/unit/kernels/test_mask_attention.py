@@ -216,7 +216,8 @@ SWEEP = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("B,Hq,Hkv,D,dtype,splits", SWEEP)
+@pytest.mark.parametrize("B,Hq,Hkv,D,dtype,splits", SWEEP,
+                         ids=[f"B{c[0]}-H{c[1]}/{c[2]}-D{c[3]}-{str(c[4])[6:]}-s{c[5]}" for c in SWEEP])
 def test_sweep(B, Hq, Hkv, D, dtype, splits):
     ctxs = [[0, 7], [16, 33, 70], [1], [129]]
     case = Case(ctxs, B, Hq, Hkv, D, 16, dtype, seed=B + Hq + D)
