@@ -62,6 +62,15 @@ def spec_metrics(llm) -> dict:
     return out
 
 
+def metric(llm, name: str) -> float:
+    """One of vLLM's own counters/gauges (e.g. "vllm:num_preemptions"), summed over labels."""
+    total = 0.0
+    for m in llm.get_metrics():
+        if m.name == name:
+            total += float(getattr(m, "value", 0) or 0)
+    return total
+
+
 def generate_in_batches(llm, prompts, sp, batch: int):
     """Submit `batch` prompts at a time, so the engine runs at that batch size."""
     out = []

@@ -67,3 +67,34 @@ def resolve_options(additional_config: dict | None, model_cfg: Any) -> ResolvedO
         f"({'; '.join(errors) or 'none bundled'}). Train one with `python -m flexdraft_vllm.training.train "
         f"--target {model_cfg.model} --out DIR` and pass additional_config={{\"flexdraft\": {{\"drafter\": \"DIR\"}}}}."
     )
+
+
+PROPOSER_PATHS = ("flexdraft_vllm.FlexDraft", "flexdraft_vllm.vllm_integration.proposer.FlexDraftProposer")
+
+
+def uses_flexdraft(vllm_config: Any) -> bool:
+    spec = getattr(vllm_config, "speculative_config", None)
+    return spec is not None and spec.method == "custom_class" and spec.model in PROPOSER_PATHS
+
+
+def check_vllm_config(vllm_config: Any) -> ResolvedOptions:
+    """Everything FlexDraft needs from an engine config, checked once with clear
+    errors: runs in the front-end process (patches.py entry 4) and again in the
+    proposer."""
+    opts = resolve_options(vllm_config.additional_config, vllm_config.model_config)
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size != 1 or par.pipeline_parallel_size != 1:
+        raise FlexDraftConfigError(
+            f"FlexDraft supports tensor_parallel_size=1 and pipeline_parallel_size=1 only "
+            f"(got {par.tensor_parallel_size} and {par.pipeline_parallel_size}); drop -tp/-pp or FlexDraft"
+        )
+    if opts.config.mode == "parallel":
+        raise FlexDraftConfigError(
+            "FlexDraft mode 'parallel' (drafts fused into the verify forward) is implemented in the "
+            "reference decoder only, not yet inside vLLM; use mode 'sequential' or 'flex'"
+        )
+    k = vllm_config.speculative_config.num_speculative_tokens
+    if k is None or k < 1:
+        raise FlexDraftConfigError(f"num_speculative_tokens must be >= 1 for FlexDraft (got {k}); use "
+                                   f"{opts.config.block_size - 1} (block_size - 1 of the drafter)")
+    return opts

@@ -21,6 +21,26 @@ Each entry says why it exists and which upstream change would remove it.
    temperature > 0 on CPU. Greedy is unaffected. After vLLM registers its
    overrides we register a dtype-preserving torch implementation for that one
    kernel. Remove when: _expand_kernel_impl keeps the tensors' dtypes.
+
+3. GPUModelRunner.sample_tokens (CPU generators only)
+   Why: a request whose prefill is split into chunks gets a token sampled
+   and discarded after each partial chunk; vLLM then rewinds the request's
+   seeded generator with Generator.set_offset, which only CUDA (Philox)
+   generators have. On CPU any seeded request (SamplingParams(seed=...)) whose
+   prompt is chunked kills the engine ("CPU Generator does not use offset").
+   The wrapper detaches the generators of those discarded rows while
+   sampling (their throw-away token uses the global RNG), so the request's
+   own stream is untouched: exactly what the rewind intends.
+   Remove when: vLLM restores CPU generators by state instead of offset.
+
+4. EngineArgs.create_engine_config (validation only, changes nothing)
+   Why: custom_class proposers are constructed inside the engine-core
+   process; a bad FlexDraft option (missing drafter, wrong target, invalid
+   mode) would surface there as "Engine core initialization failed. See root
+   cause above". Checking the same options right after vLLM built its config,
+   in the caller's process, makes LLM(...) raise FlexDraftConfigError itself
+   and `vllm serve` exit with the message. Remove when: vLLM validates
+   custom proposers in the front-end (e.g. a classmethod hook on the class).
 """
 
 from __future__ import annotations
@@ -39,6 +59,8 @@ def apply() -> None:
         return
     _patch_runner_propose()
     _patch_cpu_kernel_overrides()
+    _patch_seeded_discard_on_cpu()
+    _patch_frontend_validation()
     _APPLIED = True
 
 
@@ -76,6 +98,51 @@ def _patch_cpu_kernel_overrides() -> None:
 
     register_triton_kernel_overrides._flexdraft_wrapped = True  # type: ignore[attr-defined]
     CpuPlatform.register_triton_kernel_overrides = classmethod(register_triton_kernel_overrides)
+
+
+def _patch_seeded_discard_on_cpu() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.sample_tokens
+    if getattr(original, "_flexdraft_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        gens = self.input_batch.generators
+        if not gens or getattr(self, "execute_model_state", None) is None:
+            return original(self, *args, **kwargs)
+        num_reqs = self.input_batch.num_reqs
+        discard = self.discard_request_mask.np[:num_reqs].nonzero()[0]
+        detached = {int(i): gens.pop(int(i)) for i in discard
+                    if int(i) in gens and gens[int(i)].device.type == "cpu"}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            gens.update(detached)
+
+    sample_tokens._flexdraft_wrapped = True  # type: ignore[attr-defined]
+    GPUModelRunner.sample_tokens = sample_tokens
+
+
+def _patch_frontend_validation() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_flexdraft_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        from flexdraft_vllm.vllm_integration.options import check_vllm_config, uses_flexdraft
+
+        if uses_flexdraft(vllm_config):
+            check_vllm_config(vllm_config)
+        return vllm_config
+
+    create_engine_config._flexdraft_wrapped = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
 
 
 def _patch_runner_propose() -> None:

@@ -36,7 +36,7 @@ from flexdraft_vllm.reference.confidence import verify_length
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_vllm.vllm_integration import paged_kv
 from flexdraft_vllm.vllm_integration.policy import FlexPolicy
-from flexdraft_vllm.vllm_integration.options import resolve_options
+from flexdraft_vllm.vllm_integration.options import check_vllm_config
 
 logger = logging.getLogger("flexdraft_vllm")
 
@@ -51,19 +51,12 @@ class FlexDraftProposer:
         patches.apply()  # the runner hook; idempotent (normally done by register())
         self.vllm_config = vllm_config
         model_cfg = vllm_config.model_config
-        opts = resolve_options(vllm_config.additional_config, model_cfg)
+        opts = check_vllm_config(vllm_config)
         self.config: FlexDraftConfig = opts.config
         self.drafter_path: Path = opts.drafter_path
         spec = vllm_config.speculative_config
         self.max_drafts = min(self.config.num_drafts, spec.num_speculative_tokens)
         self.max_model_len = model_cfg.max_model_len
-        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
-            raise FlexDraftConfigError("FlexDraft supports tensor_parallel_size=1 and pipeline_parallel_size=1 only")
-        if self.config.mode == "parallel":
-            raise FlexDraftConfigError(
-                "FlexDraft mode 'parallel' (drafts fused into the verify forward) is implemented in the "
-                "reference decoder only, not yet inside vLLM; use mode 'sequential' or 'flex'"
-            )
         self.policy = FlexPolicy(mode=self.config.mode)
         # FLEXDRAFT_RECORD_DRAFTS=N keeps the first N (prefix, drafts, confidences)
         # for tests that check the paged draft pass against the reference.

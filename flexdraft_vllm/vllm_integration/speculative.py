@@ -1,7 +1,7 @@
 """How users switch FlexDraft on: the exact vLLM arguments.
 
   LLM(model, **flexdraft_engine_kwargs(mode="flex"))
-  vllm serve MODEL $(python -m flexdraft_vllm.vllm_integration.speculative --mode flex)
+  vllm serve MODEL $(flexdraft-vllm serve-args --mode flex)      # or: flexdraft-vllm serve MODEL
 
 which expand to
   speculative_config={"model": "flexdraft_vllm.FlexDraft", "num_speculative_tokens": 7}
@@ -10,7 +10,6 @@ which expand to
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -32,6 +31,7 @@ def flexdraft_engine_kwargs(mode: str = "flex", drafter: str | None = None,
     bad = set(opts) - set(FlexDraftConfig.RUNTIME_FIELDS)
     if bad:
         raise ValueError(f"unknown FlexDraft option(s) {sorted(bad)}; allowed: {list(FlexDraftConfig.RUNTIME_FIELDS)}")
+    _check_values(opts, drafter)
     if drafter is not None:
         opts["drafter"] = str(drafter)
     return {
@@ -40,22 +40,17 @@ def flexdraft_engine_kwargs(mode: str = "flex", drafter: str | None = None,
     }
 
 
+def _check_values(runtime: dict[str, Any], drafter: str | None) -> None:
+    """Range-check runtime values against the drafter's (or a bundled) checkpoint."""
+    from flexdraft_vllm.vllm_integration.options import bundled_drafters
+
+    paths = [drafter] if drafter is not None else bundled_drafters()[:1]
+    for path in paths:
+        FlexDraftConfig.from_checkpoint(path, runtime)
+
+
 def flexdraft_serve_args(mode: str = "flex", drafter: str | None = None, **runtime: Any) -> list[str]:
     """The same as `vllm serve` flags."""
     kw = flexdraft_engine_kwargs(mode, drafter, **runtime)
     return ["--speculative-config", json.dumps(kw["speculative_config"]),
             "--additional-config", json.dumps(kw["additional_config"])]
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description="print the vllm serve flags that enable FlexDraft")
-    ap.add_argument("--mode", default="flex", choices=["flex", "parallel", "sequential", "off"])
-    ap.add_argument("--drafter")
-    a = ap.parse_args()
-    import shlex
-
-    print(" ".join(shlex.quote(x) for x in flexdraft_serve_args(a.mode, a.drafter)))
-
-
-if __name__ == "__main__":
-    main()
