@@ -259,3 +259,23 @@ def test_bundled_drafter_fits_the_target(drafter, target):
     assert size_mb < 40, f"bundled drafter is {size_mb:.1f} MB"
     with safe_open(str(BUNDLED_DRAFTER / WEIGHTS_FILE), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.bfloat16}
+
+
+def test_load_against_another_architecture_with_the_same_shapes(tmp_path, tiny_target):
+    """A Llama drafter on a same-shaped Qwen2 (qkv biases): the message must say
+    the architecture differs, not that the checkpoint is corrupt."""
+    import transformers
+
+    from flexdraft_vllm.reference.target import TargetAdapter
+
+    _, path = _saved(tmp_path, tiny_target)
+    c = tiny_target.cfg
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, architectures=["Qwen2ForCausalLM"]))
+    with pytest.raises(FlexDraftConfigError) as e:
+        FlexDraftDrafter.load(path, TargetAdapter(qwen))
+    msg = str(e.value)
+    assert "LlamaForCausalLM" in msg and "Qwen2ForCausalLM" in msg, msg
+    assert "python -m flexdraft_vllm.training.train" in msg
