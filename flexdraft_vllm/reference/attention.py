@@ -62,3 +62,32 @@ def block_attention(
     p = torch.cat([s_ctx, s_blk], dim=-1).softmax(-1)
     out = torch.einsum("ghbt,thd->gbhd", p[..., :T], vc) + torch.einsum("ghbc,gchd->gbhd", p[..., T:], vb)
     return out.to(q.dtype)
+
+
+def batched_block_attention(
+    q: torch.Tensor,  # [N, B, Hq, D] one mask block per request
+    k_blk: torch.Tensor,  # [N, B, Hkv, D]
+    v_blk: torch.Tensor,  # [N, B, Hkv, D]
+    k_ctx: torch.Tensor,  # [N, T, Hkv, D] real keys, padded to the longest context
+    v_ctx: torch.Tensor,  # [N, T, Hkv, D]
+    ctx_lens: torch.Tensor,  # [N] int: request n sees real keys [0, ctx_lens[n])
+    scale: float,
+) -> torch.Tensor:  # [N, B, Hq, D]
+    """block_attention for N requests with one block each, in one batched
+    computation (no Python loop over requests). Keys past ctx_lens[n] are
+    padding and are masked out, so their contents never matter."""
+    N, B, Hq, D = q.shape
+    T = k_ctx.shape[1]
+    rep = Hq // k_ctx.shape[2]
+    kc = k_ctx.float().repeat_interleave(rep, dim=2) if rep > 1 else k_ctx.float()
+    vc = v_ctx.float().repeat_interleave(rep, dim=2) if rep > 1 else v_ctx.float()
+    kb = k_blk.float().repeat_interleave(rep, dim=2) if rep > 1 else k_blk.float()
+    vb = v_blk.float().repeat_interleave(rep, dim=2) if rep > 1 else v_blk.float()
+    qf = q.float()
+    s_ctx = torch.einsum("nbhd,nthd->nhbt", qf, kc) * scale  # [N, Hq, B, T]
+    visible = torch.arange(T, device=q.device)[None, :] < ctx_lens[:, None].to(q.device)  # [N, T]
+    s_ctx = s_ctx.masked_fill(~visible[:, None, None, :], float("-inf"))
+    s_blk = torch.einsum("nbhd,nchd->nhbc", qf, kb) * scale  # [N, Hq, B, B]
+    p = torch.cat([s_ctx, s_blk], dim=-1).softmax(-1)
+    out = torch.einsum("nhbt,nthd->nbhd", p[..., :T], vc) + torch.einsum("nhbc,nchd->nbhd", p[..., T:], vb)
+    return out.to(q.dtype)

@@ -3,9 +3,12 @@
 CPU backend (CPU_ATTN) layout: kv_cache [num_blocks, Hkv, block_size, 2*D],
 which the backend views as [num_blocks, Hkv, 2*block_size, D]: per block and
 head, block_size key rows then block_size value rows.
-CUDA backends (FLASH_ATTN, TRITON_ATTN): [2, num_blocks, block_size, Hkv, D];
-there the Triton kernel (flexdraft_kernels.mask_attention) reads the pages
-directly and nothing is gathered.
+CUDA backends (FLASH_ATTN, TRITON_ATTN) in vLLM 0.32 allocate the same 4-D
+shape but read it as kv_cache.transpose(1, 2).split(D, -1): per block, slot
+and head, the key in [:D] and the value in [D:]. There the Triton kernel
+(flexdraft_kernels.mask_attention) reads the pages directly and nothing is
+gathered; `gather` serves tests and the fallback. Older vLLMs used a 5-D
+[2, num_blocks, block_size, Hkv, D] split layout, also accepted.
 
 Invariant: only positions [0, n) are read; they hold committed (or this step's
 just-verified) real tokens. Nothing is ever written.
@@ -31,6 +34,18 @@ def gather_cpu_layout(
 
 
 def gather_flash_layout(
+    kv_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, 2*D] read as [nb, bs, Hkv, 2D]
+    block_row: torch.Tensor,  # [max_blocks]
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # k, v: [n, Hkv, D]
+    nb, hkv, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    used = (n + bs - 1) // bs
+    pages = kv_cache[block_row[:used].long()].transpose(1, 2).reshape(used * bs, hkv, d2)[:n]
+    return pages[..., :d], pages[..., d:]
+
+
+def gather_split_layout(
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
     block_row: torch.Tensor,  # [max_blocks]
     n: int,
@@ -45,10 +60,29 @@ def gather_flash_layout(
 
 def gather(kv_cache: torch.Tensor, block_row: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     if kv_cache.dim() == 4:
-        return gather_cpu_layout(kv_cache, block_row, n)
+        layout = gather_flash_layout if kv_cache.is_cuda else gather_cpu_layout
+        return layout(kv_cache, block_row, n)
     if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
-        return gather_flash_layout(kv_cache, block_row, n)
+        return gather_split_layout(kv_cache, block_row, n)
     raise NotImplementedError(
         f"FlexDraft cannot read this KV-cache layout {tuple(kv_cache.shape)}; supported: the CPU_ATTN "
         f"and FLASH_ATTN/TRITON_ATTN layouts (unquantized KV cache)"
     )
+
+
+def gather_batch_cpu_layout(
+    kv_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, 2*D]
+    block_rows: torch.Tensor,  # [N, max_blocks] int: the requests' block-table rows
+    n_max: int,  # longest context to read
+) -> tuple[torch.Tensor, torch.Tensor]:  # k, v: [N, T, Hkv, D], T = pages * block_size >= n_max
+    """All N requests' first n_max positions in one gather. Rows past a
+    request's own context come from whatever pages its table lists there
+    (possibly block 0 / stale): callers must mask by context length."""
+    nb, hkv, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    used = max(1, (n_max + bs - 1) // bs)
+    N = block_rows.shape[0]
+    pages = kv_cache.view(nb, hkv, 2 * bs, d)[block_rows[:, :used].long()]  # [N, used, Hkv, 2bs, D]
+    k = pages[:, :, :, :bs].permute(0, 1, 3, 2, 4).reshape(N, used * bs, hkv, d)
+    v = pages[:, :, :, bs:].permute(0, 1, 3, 2, 4).reshape(N, used * bs, hkv, d)
+    return k, v

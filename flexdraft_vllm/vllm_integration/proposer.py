@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
-from flexdraft_vllm.reference.attention import block_attention
+from flexdraft_vllm.reference.attention import batched_block_attention, block_attention
 from flexdraft_vllm.reference.confidence import verify_length
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_vllm.vllm_integration import paged_kv
@@ -139,12 +139,16 @@ class FlexDraftProposer:
     def _attend(self, layer_idx: int, block_table: torch.Tensor, idx: torch.Tensor, ctx: torch.Tensor):
         kv_cache = self.view.kv_cache(layer_idx)
         scale = self.view.scale
+        max_ctx = int(ctx.max())
 
         def attend(q, k, v):  # [N, B, H, D]: one block per request
             if kv_cache.is_cuda:
                 from flexdraft_kernels.mask_attention import mask_attention_for_blocks
 
-                return mask_attention_for_blocks(q, k, v, kv_cache, block_table, idx, ctx, scale)
+                return mask_attention_for_blocks(q, k, v, kv_cache, block_table, idx, ctx, scale, max_ctx_len=max_ctx)
+            if kv_cache.dim() == 4:  # CPU_ATTN layout: one batched gather + attention
+                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[idx], max_ctx)
+                return batched_block_attention(q, k, v, kc, vc, ctx, scale)
             out = torch.empty_like(q)
             for r in range(q.shape[0]):
                 kc, vc = paged_kv.gather(kv_cache, block_table[int(idx[r])], int(ctx[r]))

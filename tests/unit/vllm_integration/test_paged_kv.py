@@ -1,0 +1,87 @@
+"""Reading real-token K/V back from vLLM's paged cache layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexdraft_vllm.reference.attention import batched_block_attention, block_attention
+from flexdraft_vllm.vllm_integration import paged_kv
+
+
+def _cpu_cache(nb=24, hkv=3, bs=16, d=8):
+    """A CPU_ATTN cache whose entries encode (position-independent) page/slot/head ids."""
+    torch.manual_seed(0)
+    return torch.randn(nb, hkv, bs, 2 * d)
+
+
+def test_cpu_layout_gather_follows_the_block_table():
+    cache = _cpu_cache()
+    nb, hkv, bs, d2 = cache.shape
+    d = d2 // 2
+    row = torch.tensor([7, 3, 11, 0])
+    k, v = paged_kv.gather_cpu_layout(cache, row, 37)
+    assert k.shape == (37, hkv, d)
+    pages = cache.view(nb, hkv, 2 * bs, d)  # per page and head: bs key rows, then bs value rows
+    for pos in (0, 15, 16, 36):
+        page, slot = int(row[pos // bs]), pos % bs
+        torch.testing.assert_close(k[pos], pages[page, :, slot])
+        torch.testing.assert_close(v[pos], pages[page, :, bs + slot])
+
+
+def test_flash_layout_gather_follows_the_block_table():
+    """vLLM 0.32 FLASH_ATTN: [pages, Hkv, page_size, 2D] read as transpose(1, 2).split(D, -1)."""
+    torch.manual_seed(0)
+    cache = torch.randn(10, 2, 4, 16)
+    row = torch.tensor([9, 2, 5])
+    k, v = paged_kv.gather_flash_layout(cache, row, 10)
+    kc, vc = cache.transpose(1, 2).split(8, dim=-1)  # what the backend reads: [pages, page_size, Hkv, D]
+    for pos in (0, 3, 4, 9):
+        torch.testing.assert_close(k[pos], kc[int(row[pos // 4]), pos % 4])
+        torch.testing.assert_close(v[pos], vc[int(row[pos // 4]), pos % 4])
+
+
+def test_split_layout_gather_follows_the_block_table():
+    torch.manual_seed(0)
+    cache = torch.randn(2, 10, 4, 2, 8)  # [2, pages, page_size, Hkv, D]
+    row = torch.tensor([9, 2, 5])
+    k, v = paged_kv.gather(cache, row, 10)
+    for pos in (0, 3, 4, 9):
+        torch.testing.assert_close(k[pos], cache[0, int(row[pos // 4]), pos % 4])
+        torch.testing.assert_close(v[pos], cache[1, int(row[pos // 4]), pos % 4])
+
+
+def test_unknown_layout_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="layout"):
+        paged_kv.gather(torch.zeros(3, 3, 3), torch.tensor([0]), 1)
+
+
+def test_batched_gather_and_attention_equal_the_per_request_reference():
+    cache = _cpu_cache(d=64)
+    nb, hkv, bs, _ = cache.shape
+    N, B, Hq, D = 5, 8, 9, 64
+    torch.manual_seed(1)
+    table = torch.stack([torch.randperm(nb)[:6] for _ in range(N)])
+    ctx = torch.tensor([1, 16, 17, 50, 90])  # page boundaries and a mid-page end
+    q, k, v = torch.randn(N, B, Hq, D), torch.randn(N, B, hkv, D), torch.randn(N, B, hkv, D)
+    kc, vc = paged_kv.gather_batch_cpu_layout(cache, table, int(ctx.max()))
+    got = batched_block_attention(q, k, v, kc, vc, ctx, D ** -0.5)
+    for r in range(N):
+        kr, vr = paged_kv.gather_cpu_layout(cache, table[r], int(ctx[r]))
+        want = block_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1], kr, vr, ctx[r : r + 1], D ** -0.5)
+        torch.testing.assert_close(got[r : r + 1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_attention_ignores_keys_past_each_context():
+    cache = _cpu_cache(d=64)
+    N, B, Hq, D = 2, 4, 9, 64
+    table = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    ctx = torch.tensor([10, 20])
+    q, k, v = torch.randn(N, B, Hq, D), torch.randn(N, B, 3, D), torch.randn(N, B, 3, D)
+    kc, vc = paged_kv.gather_batch_cpu_layout(cache, table, 20)
+    a = batched_block_attention(q, k, v, kc, vc, ctx, 0.125)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kc2[0, 10:] = float("nan")
+    vc2[0, 10:] = float("nan")
+    b = batched_block_attention(q, k, v, kc2.nan_to_num(1e4), vc2.nan_to_num(1e4), ctx, 0.125)
+    torch.testing.assert_close(a, b)
