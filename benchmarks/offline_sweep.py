@@ -144,7 +144,7 @@ def sweep_config(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]
         "warmup_tokens": args.warmup_tokens,
         "ignore_eos": args.ignore_eos,
         "max_model_len": args.max_model_len,
-        "max_num_seqs": max(args.batches_all),
+        "max_num_seqs": args.max_num_seqs,
         "kv_cache_gib": args.kv_gib,
         "prefix_caching": args.prefix_caching,
         "temperature": 0.0,
@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                     help="every request generates exactly max_tokens, so the batch stays full (default on)")
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="engine max_num_seqs for every method (default max(64, largest batch), fixed so that "
+                         "a resumed run with other batch sizes keeps the same engine settings)")
     ap.add_argument("--kv-gib", type=float, default=2.0, help="KV cache size on CPU (FLEXDRAFT_KV_GIB)")
     ap.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False,
                     help="vLLM prefix caching for every method (default off: each cell pays its own prefill)")
@@ -465,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_prepared(args.model) and not (args.model / "config.json").is_file():
         sys.exit(f"no model at {args.model}: run `./run.sh setup` (or python -m flexdraft_vllm.prepare)")
     args.batches_all = sorted(set(args.batches))
+    args.max_num_seqs = args.max_num_seqs or max(64, *args.batches_all)
     out_dir = args.results_root / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
     res_path = out_dir / "results.json"
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FLEXDRAFT_KV_GIB"] = str(args.kv_gib)
     from flexdraft_vllm.engine_defaults import default_engine_kwargs
 
-    base = default_engine_kwargs(max_model_len=args.max_model_len, max_num_seqs=max(args.batches_all),
+    base = default_engine_kwargs(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                  disable_log_stats=False, enable_prefix_caching=args.prefix_caching)
     env = _engine_env(args)
     machine = report.machine_info()

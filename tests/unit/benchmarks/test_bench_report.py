@@ -112,6 +112,9 @@ def test_config_differences_name_the_changed_settings():
 def test_root_cause_finds_the_engine_core_error():
     log = "\n".join([
         "INFO 11-23 11:00:01 [core.py:90] Initializing a V1 LLM engine",
+        "(APIServer pid=7) WARNING 11-23 11:37:42 [system_utils.py:255] Found ulimit of 20000 and failed to "
+        "increase it. This can cause fd limit errors like `OSError: [Errno 24] Too many open files`. Consider it",
+        "    raise FlexDraftConfigError(",
         "(EngineCore pid=42) ERROR 11-23 11:00:05 [core.py:700] EngineCore failed to start.",
         "(EngineCore pid=42) ERROR 11-23 11:00:05 [core.py:700] flexdraft_vllm.config.FlexDraftConfigError: "
         "FlexDraft mode 'parallel' is implemented in the reference decoder only",
@@ -121,6 +124,11 @@ def test_root_cause_finds_the_engine_core_error():
         "FlexDraftConfigError: FlexDraft mode 'parallel' is implemented in the reference decoder only")
     assert report.root_cause("RuntimeError: Engine core initialization failed.", "fb") == "fb"
     assert report.root_cause("", "fb") == "fb"
+    # a plain traceback's last line, and vLLM's prefixed form
+    assert report.root_cause("Traceback ...\nImportError: Arctic Inference is required", "fb") == \
+        "ImportError: Arctic Inference is required"
+    assert report.root_cause("(EngineCore_DP0 pid=9) ERROR 11-23 11:00:05 [core.py:1] ValueError: bad", "fb") == \
+        "ValueError: bad"
 
 
 def test_offline_markdown(offline_results):

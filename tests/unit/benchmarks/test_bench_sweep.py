@@ -91,7 +91,7 @@ def test_lossless_check(tmp_path):
 def test_finish_method_marks_unrun_cells_and_finds_the_reason(tmp_path):
     log = tmp_path / "m.log"
     log.write_text("old run\n===== now\nValueError: stale\n===== later\n"
-                   "(EngineCore pid=1) ERROR flexdraft_vllm.config.FlexDraftConfigError: mode 'parallel' not in vLLM\n"
+                   "(EngineCore pid=1) ERROR 11-23 11:00:05 [core.py:7] flexdraft_vllm.config.FlexDraftConfigError: mode 'parallel' not in vLLM\n"
                    "RuntimeError: Engine core initialization failed. See root cause above.\n")
     r = report.new_results("offline_sweep", {})
     report.merge_record(r, {"method": "flexdraft-parallel", "status": "unavailable: RuntimeError: Engine core "
@@ -125,6 +125,12 @@ def test_engine_cli_args():
                     "--speculative-config", '{"model": "flexdraft_vllm.FlexDraft"}']
 
 
+def test_sharegpt_dataset_shape():
+    d = serve_bench.sharegpt_dataset(["hello there", "write code"])
+    assert len(d) == 2 and d[1]["conversations"][0] == {"from": "human", "value": "write code"}
+    assert all(len(e["conversations"]) >= 2 for e in d)  # vLLM drops entries with fewer turns
+
+
 def test_level_requests():
     assert serve_bench.level_requests(1, 16, 2) == 16
     assert serve_bench.level_requests(64, 16, 2) == 128
@@ -136,7 +142,8 @@ def test_bench_command_flags(tmp_path):
                                     result_file="r.json", ignore_eos=True, warmups=2)
     s = " ".join(cmd)
     assert cmd[1].endswith("vllm_cli.py") and cmd[2:4] == ["bench", "serve"]
-    for part in ("--dataset-name custom", "--max-concurrency 2", "--num-prompts 4", "--custom-output-len 16",
+    for part in ("--dataset-name sharegpt", "--backend openai-chat", "--endpoint /v1/chat/completions",
+                 "--max-concurrency 2", "--num-prompts 4", "--sharegpt-output-len 16",
                  "--temperature 0", "--save-result", "--ignore-eos", "--request-rate inf", "--disable-shuffle"):
         assert part in s
 
