@@ -52,6 +52,8 @@ class TrainConfig:
     lr_calib: float = 1e-3
     save_every: int = 50
     threads: int = 0  # 0 = torch default
+    init_from: str | None = None  # continue from a trained drafter (a second round on the same data)
+    state_file: str = "train_state.pt"  # per round, so a finished round's state is kept
 
     @classmethod
     def load(cls, path: str | None, overrides: dict) -> "TrainConfig":
@@ -182,11 +184,15 @@ def train(cfg: TrainConfig) -> Path:
     print(f"[train] {len(items)} sequences, {sum(i['ids'].numel() - i['prompt_len'] for i in items)} response tokens", flush=True)
 
     drafter = FlexDraftDrafter(fcfg, target)
-    state_path = work / "train_state.pt"
+    state_path = work / cfg.state_file
     resume = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if resume:
         drafter.load_state_dict(resume["drafter"])
         print(f"[train] resuming {resume['stage']} at step {resume['step']}", flush=True)
+    elif cfg.init_from:
+        start = FlexDraftDrafter.load(cfg.init_from, target)
+        drafter.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        print(f"[train] starting from the drafter in {cfg.init_from}", flush=True)
     else:
         with torch.no_grad():
             drafter.mask_embedding.copy_(mean_split_hidden(target, items[:16], fcfg.split_layer))
