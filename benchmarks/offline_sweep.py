@@ -411,7 +411,8 @@ def _finish_method(results: dict[str, Any], method: str, batches: list[int], rc:
     log_text = log_text.rsplit("\n===== ", 1)[-1]
     st = results["methods"].get(method, {}).get("status", "")
     if st.startswith("unavailable:"):
-        results["methods"][method]["status"] = "unavailable: " + report.root_cause(log_text, st.removeprefix("unavailable: "))
+        why = report.root_cause(log_text, st.removeprefix("unavailable: "))
+        results["methods"][method]["status"] = report.with_hint(method, "unavailable: " + why)
         return
     missing = report.pending(results, method, batches)
     if missing and rc != 0:

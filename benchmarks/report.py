@@ -251,6 +251,13 @@ def root_cause(log_text: str, fallback: str) -> str:
     return fallback
 
 
+def with_hint(method: str, status: str) -> str:
+    """Status line plus the fix we know for it."""
+    if method == "suffix" and "rctic" in status and "arctic_overlay" not in status:
+        return status + " (build it without touching the venv: python benchmarks/arctic_overlay.py)"
+    return status
+
+
 # ---- ratios ---------------------------------------------------------------------------
 def xs_of(results: dict[str, Any]) -> list[int]:
     return sorted({int(x) for cells in results["cells"].values() for x in cells})

@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                     up = server.wait_ready(args.startup_timeout)
                 except (ServerDied, TimeoutError) as e:
                     text = log_path.read_text(errors="replace").rsplit("\n===== ", 1)[-1]
-                    results["methods"][method]["status"] = "unavailable: " + report.root_cause(text, str(e))
+                    results["methods"][method]["status"] = report.with_hint(
+                        method, "unavailable: " + report.root_cause(text, str(e)))
                     say(f"    {method}: {results['methods'][method]['status'][:300]}")
                     continue
                 results["methods"][method].update(status="ok", startup_s=up)

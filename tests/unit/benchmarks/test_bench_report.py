@@ -194,3 +194,9 @@ def test_write_reports_serve(tmp_path):
 def test_unknown_kind_is_an_error(tmp_path):
     with pytest.raises(ValueError):
         report.write_reports(report.new_results("nope", {}), tmp_path)
+
+
+def test_suffix_unavailable_gets_the_build_hint():
+    s = report.with_hint("suffix", "unavailable: ImportError: Arctic Inference is required for suffix decoding.")
+    assert s.endswith("(build it without touching the venv: python benchmarks/arctic_overlay.py)")
+    assert report.with_hint("ngram", "unavailable: x") == "unavailable: x"
