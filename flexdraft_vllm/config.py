@@ -59,6 +59,20 @@ class FlexDraftConfig:
         def bad(msg: str) -> None:
             raise FlexDraftConfigError(f"invalid FlexDraft config: {msg}")
 
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        for name in ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "split_layer", "block_size", "calib_rank"):
+            if not is_int(getattr(self, name)):
+                bad(f"{name}={getattr(self, name)!r} must be an integer")
+        for name in ("max_verify", "max_parallel_groups"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                bad(f"{name}={getattr(self, name)!r} must be an integer or null")
+        for name in ("tau", "min_confidence"):
+            if not (is_int(getattr(self, name)) or isinstance(getattr(self, name), float)):
+                bad(f"{name}={getattr(self, name)!r} must be a number")
+
         if not 0 < self.split_layer < self.num_hidden_layers:
             bad(f"split_layer={self.split_layer} must be in [1, {self.num_hidden_layers - 1}]")
         if self.block_size < 2:
@@ -161,9 +175,13 @@ class FlexDraftConfig:
 
     def check_target(self, target_cfg: Any, target_fingerprint: str | None = None) -> None:
         """Fail with a clear message when this drafter was trained for another target."""
-        mine = FlexDraftConfig.for_target(target_cfg, split_layer=self.split_layer, block_size=self.block_size)
-        fields = ["num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim"]
-        diffs = [f"{f}: drafter {getattr(self, f)} vs target {getattr(mine, f)}" for f in fields if getattr(self, f) != getattr(mine, f)]
+        # split_layer=1: only the target's shapes are compared; the drafter's own split
+        # layer need not fit a (mismatched) shallower target
+        mine = FlexDraftConfig.for_target(target_cfg, split_layer=1, block_size=self.block_size)
+        fields = ["target_architecture", "num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
+                  "num_key_value_heads", "head_dim"]
+        diffs = [f"{f}: drafter {getattr(self, f)} vs target {getattr(mine, f)}" for f in fields
+                 if getattr(self, f) != getattr(mine, f) and not (f == "target_architecture" and "?" in (getattr(self, f), getattr(mine, f)))]
         if diffs:
             raise FlexDraftConfigError(
                 f"drafter was trained for {self.target_model_id or 'another model'} and does not fit this target ("
