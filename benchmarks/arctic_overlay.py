@@ -28,6 +28,7 @@ declares a vLLM plugin; it stays inert unless ARCTIC_INFERENCE_ENABLED=1.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import site
 import subprocess
@@ -67,9 +68,13 @@ def build(version: str = VERSION, overlay: Path = OVERLAY, force: bool = False) 
     subprocess.run([str(py), "-m", "pip", "install", "-q", *BUILD_TOOLS], check=True)
     wheels = BUILD / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
+    # CMake's FindPython must pick the build venv's python (which has nanobind), not
+    # whatever `python3` comes first on PATH (e.g. an activated project venv)
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2", "VIRTUAL_ENV": str(venv),
+           "PATH": os.pathsep.join([str(venv / "bin"), os.environ.get("PATH", "")]),
+           "CMAKE_ARGS": f"-DPython_EXECUTABLE={py} -DPython_FIND_VIRTUALENV=ONLY"}
     subprocess.run([str(py), "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-binary",
-                    "arctic-inference", f"arctic-inference=={version}", "-w", str(wheels)], check=True,
-                   env={**__import__("os").environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"})
+                    "arctic-inference", f"arctic-inference=={version}", "-w", str(wheels)], check=True, env=env)
     whl = next(wheels.glob("arctic_inference-*.whl"))
     tmp = overlay.with_name(overlay.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
