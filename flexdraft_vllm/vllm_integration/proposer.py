@@ -32,8 +32,8 @@ import torch
 
 from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
 from flexdraft_vllm.reference.attention import batched_block_attention, block_attention
-from flexdraft_vllm.reference.confidence import verify_length
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
+from flexdraft_kernels.rejection_sampler import calibrated_drafts
 from flexdraft_vllm.vllm_integration import paged_kv
 from flexdraft_vllm.vllm_integration.policy import FlexPolicy
 from flexdraft_vllm.vllm_integration.options import check_vllm_config
@@ -116,9 +116,10 @@ class FlexDraftProposer:
             normed = self.drafter.draft_hidden(self.view, ctx, lambda l: self._attend(l, block_table, idx, ctx))
             logits = self.drafter.draft_logits(self.view, normed[:, 1 : 1 + self.max_drafts],
                                                bonus[:, None].expand(-1, min(B - 1, self.max_drafts)))
-            probs = logits.float().softmax(-1)
-            conf, ids = probs.max(-1)  # [N, K]
-            n = verify_length(conf, self.config.verify_rule, self.config.tau, self.config.min_confidence, self.max_drafts)
+            # argmax drafts, their confidences and the verify length (Triton on CUDA)
+            cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
+                                   self.config.min_confidence, max_len=self.max_drafts)
+            conf, ids, n = cd.conf, cd.argmax_ids, cd.num_drafts  # [N, K], [N, K], [N]
             ids, n = ids.tolist(), n.tolist()
             if len(self.records) < self.record_limit:
                 self._record(runner, rows, ids, conf, n)
