@@ -38,7 +38,8 @@ from flexdraft_vllm.vllm_integration import paged_kv
 from flexdraft_vllm.vllm_integration.policy import FlexPolicy
 from flexdraft_vllm.vllm_integration.options import check_vllm_config
 
-logger = logging.getLogger("flexdraft_vllm")
+# a child of "vllm" so vLLM's logging config (handler, level, VLLM_LOGGING_LEVEL) applies
+logger = logging.getLogger("vllm.flexdraft")
 
 
 class FlexDraftProposer:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("flexdraft_vllm")
+# a child of "vllm" so vLLM's logging config (handler, level, VLLM_LOGGING_LEVEL) applies
+logger = logging.getLogger("vllm.flexdraft")
 
 
 def register_with_vllm() -> None:
