@@ -84,8 +84,12 @@ def batched_block_attention(
     kb = k_blk.float().repeat_interleave(rep, dim=2) if rep > 1 else k_blk.float()
     vb = v_blk.float().repeat_interleave(rep, dim=2) if rep > 1 else v_blk.float()
     qf = q.float()
-    s_ctx = torch.einsum("nbhd,nthd->nhbt", qf, kc) * scale  # [N, Hq, B, T]
     visible = torch.arange(T, device=q.device)[None, :] < ctx_lens[:, None].to(q.device)  # [N, T]
+    # padding rows may hold anything (unwritten pages, NaN): zero them, since a
+    # masked probability of 0 times a NaN value would still poison the output
+    kc = kc.masked_fill(~visible[:, :, None, None], 0.0)
+    vc = vc.masked_fill(~visible[:, :, None, None], 0.0)
+    s_ctx = torch.einsum("nbhd,nthd->nhbt", qf, kc) * scale  # [N, Hq, B, T]
     s_ctx = s_ctx.masked_fill(~visible[:, None, None, :], float("-inf"))
     s_blk = torch.einsum("nbhd,nchd->nhbc", qf, kb) * scale  # [N, Hq, B, B]
     p = torch.cat([s_ctx, s_blk], dim=-1).softmax(-1)

@@ -85,3 +85,5 @@ def test_batched_attention_ignores_keys_past_each_context():
     vc2[0, 10:] = float("nan")
     b = batched_block_attention(q, k, v, kc2.nan_to_num(1e4), vc2.nan_to_num(1e4), ctx, 0.125)
     torch.testing.assert_close(a, b)
+    c = batched_block_attention(q, k, v, kc2, vc2, ctx, 0.125)  # NaN in padding (unwritten pages)
+    torch.testing.assert_close(a, c)
