@@ -149,7 +149,7 @@ class FlexDraftProposer:
 
                 return mask_attention_for_blocks(q, k, v, kv_cache, block_table, idx, ctx, scale, max_ctx_len=max_ctx)
             if kv_cache.dim() == 4:  # CPU_ATTN layout: one batched gather + attention
-                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[idx], max_ctx)
+                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[idx], max_ctx, self._cpu_perms(kv_cache))
                 return batched_block_attention(q, k, v, kc, vc, ctx, scale)
             out = torch.empty_like(q)
             for r in range(q.shape[0]):
@@ -158,6 +158,16 @@ class FlexDraftProposer:
             return out
 
         return attend
+
+    def _cpu_perms(self, kv_cache: torch.Tensor):
+        """vLLM's CPU attention packs K (and V) per block in an ISA-specific order; learn it once."""
+        if getattr(self, "_perms", None) is None:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
+            isa = _get_attn_isa(kv_cache.dtype, bs, d, self.vllm_config.cache_config.cache_dtype)
+            self._perms = paged_kv.cpu_block_permutations(isa, bs, d, kv_cache.dtype)
+        return self._perms
 
     def _maybe_log(self) -> None:
         if time.monotonic() < self._log_at:

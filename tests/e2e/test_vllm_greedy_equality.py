@@ -109,7 +109,7 @@ def _records(worker):
     return worker.model_runner.drafter.records
 
 
-def test_paged_draft_pass_matches_reference(fd_llm, target_dir):
+def test_paged_draft_pass_matches_reference(fd_llm, target_dir, prompts):
     """Drafts computed inside vLLM (paged KV gather, vLLM RoPE/norms/MLP) equal
     the reference drafter's on the same prefix (HF target, dense attention)."""
     import torch
@@ -119,7 +119,10 @@ def test_paged_draft_pass_matches_reference(fd_llm, target_dir):
     from flexdraft_vllm.reference.target import load_target
     from flexdraft_vllm.vllm_integration.options import bundled_drafters
 
-    recs = fd_llm.collective_rpc(_records)[0]
+    from vllm import SamplingParams
+
+    fd_llm.generate(prompts[:8], SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    recs = fd_llm.collective_rpc(_records, timeout=120)[0]
     assert len(recs) >= 16, f"only {len(recs)} draft passes recorded"
     target = load_target(str(target_dir))
     drafter = FlexDraftDrafter.load(bundled_drafters()[0], target)
