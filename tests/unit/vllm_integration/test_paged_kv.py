@@ -87,3 +87,25 @@ def test_batched_attention_ignores_keys_past_each_context():
     torch.testing.assert_close(a, b)
     c = batched_block_attention(q, k, v, kc2, vc2, ctx, 0.125)  # NaN in padding (unwritten pages)
     torch.testing.assert_close(a, c)
+
+
+def test_cpu_isa_packing_is_decoded_through_vllms_own_write_op():
+    """vLLM's CPU attention stores K in an ISA-specific packed order; reading
+    the cache as plain rows gave wrong drafts (caught by the e2e reference test)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    nb, hkv, bs, d = 5, 3, 16, 64
+    isa = _get_attn_isa(torch.float32, bs, d)
+    kv = torch.zeros(nb, hkv, bs, 2 * d)
+    kc, vc = kv.view(nb, hkv, 2 * bs, d).chunk(2, dim=2)
+    T = 37
+    key, val = torch.randn(T, hkv, d), torch.randn(T, hkv, d)
+    table = torch.tensor([3, 1, 4])
+    slots = table[torch.arange(T) // bs] * bs + torch.arange(T) % bs
+    ops.cpu_attn_reshape_and_cache(key, val, kc, vc, slots, isa)
+    perms = paged_kv.cpu_block_permutations(isa, bs, d, torch.float32)
+    k, v = paged_kv.gather_cpu_layout(kv, table, T, perms)
+    assert torch.equal(k, key) and torch.equal(v, val)
+    kb, vb = paged_kv.gather_batch_cpu_layout(kv, table[None], T, perms)
+    assert torch.equal(kb[0, :T], key) and torch.equal(vb[0, :T], val)
