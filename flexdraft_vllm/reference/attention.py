@@ -65,33 +65,37 @@ def block_attention(
 
 
 def batched_block_attention(
-    q: torch.Tensor,  # [N, B, Hq, D] one mask block per request
-    k_blk: torch.Tensor,  # [N, B, Hkv, D]
-    v_blk: torch.Tensor,  # [N, B, Hkv, D]
+    q: torch.Tensor,  # [N, G, B, Hq, D] G mask blocks for each of N requests
+    k_blk: torch.Tensor,  # [N, G, B, Hkv, D] the blocks' own keys
+    v_blk: torch.Tensor,  # [N, G, B, Hkv, D]
     k_ctx: torch.Tensor,  # [N, T, Hkv, D] real keys, padded to the longest context
     v_ctx: torch.Tensor,  # [N, T, Hkv, D]
-    ctx_lens: torch.Tensor,  # [N] int: request n sees real keys [0, ctx_lens[n])
+    ctx_lens: torch.Tensor,  # [N, G] int: block (n, g) sees real keys [0, ctx_lens[n, g])
     scale: float,
-) -> torch.Tensor:  # [N, B, Hq, D]
-    """block_attention for N requests with one block each, in one batched
-    computation (no Python loop over requests). Keys past ctx_lens[n] are
-    padding and are masked out, so their contents never matter."""
-    N, B, Hq, D = q.shape
+) -> torch.Tensor:  # [N, G, B, Hq, D]
+    """block_attention for N requests at once (no Python loop over requests):
+    the sequential draft pass has G = 1 block per request, parallel mode's
+    groups share their request's context and differ only in how much of it
+    they see. Keys past a block's ctx_len are masked out, so padding contents
+    never matter."""
+    N, G, B, Hq, D = q.shape
     T = k_ctx.shape[1]
     rep = Hq // k_ctx.shape[2]
     kc = k_ctx.float().repeat_interleave(rep, dim=2) if rep > 1 else k_ctx.float()
     vc = v_ctx.float().repeat_interleave(rep, dim=2) if rep > 1 else v_ctx.float()
-    kb = k_blk.float().repeat_interleave(rep, dim=2) if rep > 1 else k_blk.float()
-    vb = v_blk.float().repeat_interleave(rep, dim=2) if rep > 1 else v_blk.float()
+    kb = k_blk.float().repeat_interleave(rep, dim=3) if rep > 1 else k_blk.float()
+    vb = v_blk.float().repeat_interleave(rep, dim=3) if rep > 1 else v_blk.float()
     qf = q.float()
-    visible = torch.arange(T, device=q.device)[None, :] < ctx_lens[:, None].to(q.device)  # [N, T]
-    # padding rows may hold anything (unwritten pages, NaN): zero them, since a
-    # masked probability of 0 times a NaN value would still poison the output
-    kc = kc.masked_fill(~visible[:, :, None, None], 0.0)
-    vc = vc.masked_fill(~visible[:, :, None, None], 0.0)
-    s_ctx = torch.einsum("nbhd,nthd->nhbt", qf, kc) * scale  # [N, Hq, B, T]
-    s_ctx = s_ctx.masked_fill(~visible[:, None, None, :], float("-inf"))
-    s_blk = torch.einsum("nbhd,nchd->nhbc", qf, kb) * scale  # [N, Hq, B, B]
+    pos = torch.arange(T, device=q.device)
+    visible = pos[None, None, :] < ctx_lens[:, :, None].to(q.device)  # [N, G, T]
+    # rows past every block's context may hold anything (unwritten pages, NaN):
+    # zero them, since a masked probability of 0 times a NaN value would still poison the output
+    any_visible = visible.any(1)  # [N, T]
+    kc = kc.masked_fill(~any_visible[:, :, None, None], 0.0)
+    vc = vc.masked_fill(~any_visible[:, :, None, None], 0.0)
+    s_ctx = torch.einsum("ngbhd,nthd->nghbt", qf, kc) * scale  # [N, G, Hq, B, T]
+    s_ctx = s_ctx.masked_fill(~visible[:, :, None, None, :], float("-inf"))
+    s_blk = torch.einsum("ngbhd,ngchd->nghbc", qf, kb) * scale  # [N, G, Hq, B, B], bidirectional
     p = torch.cat([s_ctx, s_blk], dim=-1).softmax(-1)
-    out = torch.einsum("nhbt,nthd->nbhd", p[..., :T], vc) + torch.einsum("nhbc,nchd->nbhd", p[..., T:], vb)
+    out = torch.einsum("nghbt,nthd->ngbhd", p[..., :T], vc) + torch.einsum("nghbc,ngchd->ngbhd", p[..., T:], vb)
     return out.to(q.dtype)

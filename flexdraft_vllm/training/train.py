@@ -50,6 +50,10 @@ class TrainConfig:
     blocks_per_seq: int = 8
     lr_tune: float = 2e-4
     lr_calib: float = 1e-3
+    # Loss weight of draft slot k (1-based) is exp(-(k-1)/pos_decay): drafts are
+    # accepted as a prefix, so slot 1 matters most and the noisy far slots should
+    # not dominate the gradient. 0 = uniform weights.
+    pos_decay: float = 0.0
     save_every: int = 50
     threads: int = 0  # 0 = torch default
     init_from: str | None = None  # continue from a trained drafter (a second round on the same data)
@@ -85,6 +89,12 @@ def block_batch(items: list[dict], rng: random.Random, cfg: TrainConfig):
         tgt = torch.where(tgt_pos < T, it["ids"][tgt_pos.clamp(max=T - 1)], torch.full_like(tgt_pos, -100))
         out.append((it, ctx, tgt, it["ids"][ctx]))
     return out
+
+
+def position_weights(num_slots: int, pos_decay: float) -> torch.Tensor:
+    """[num_slots] loss weights of draft slots 1..num_slots (see TrainConfig.pos_decay)."""
+    k = torch.arange(num_slots, dtype=torch.float32)
+    return torch.exp(-k / pos_decay) if pos_decay > 0 else torch.ones(num_slots)
 
 
 def draft_forward(target: TargetAdapter, drafter: FlexDraftDrafter, it: dict, ctx: torch.Tensor) -> torch.Tensor:
@@ -144,9 +154,12 @@ def run_stage(stage: str, target, drafter, items, cfg: TrainConfig, state_path: 
                 with torch.no_grad():
                     h = draft_forward(target, drafter, it, ctx)[:, 1:]
                 logits = drafter.draft_logits(target, h, bonus[:, None].expand(-1, h.shape[1]))
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                 reduction="none").view_as(tgt)  # [G, B-1], 0 where ignored
+            w = position_weights(tgt.shape[1], cfg.pos_decay)[None].expand_as(ce) * (tgt != -100)
             n = int((tgt != -100).sum())
-            (loss / max(n, 1) / cfg.seqs_per_step).backward()
+            ((ce * w).sum() / w.sum().clamp(min=1e-6) / cfg.seqs_per_step).backward()
+            loss = ce.sum()  # logged unweighted, comparable across pos_decay settings
             loss_sum += float(loss)
             n_sum += n
             correct += int(((logits.argmax(-1) == tgt) & (tgt != -100)).sum())

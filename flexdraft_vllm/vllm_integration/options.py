@@ -77,6 +77,11 @@ def uses_flexdraft(vllm_config: Any) -> bool:
     return spec is not None and spec.method == "custom_class" and spec.model in PROPOSER_PATHS
 
 
+def runs_eagerly(vllm_config: Any) -> bool:
+    """Python hooks inside the model forward run: no torch.compile, no CUDA graphs."""
+    return bool(getattr(vllm_config.model_config, "enforce_eager", False))
+
+
 def check_vllm_config(vllm_config: Any) -> ResolvedOptions:
     """Everything FlexDraft needs from an engine config, checked once with clear
     errors: runs in the front-end process (patches.py entry 4) and again in the
@@ -88,10 +93,11 @@ def check_vllm_config(vllm_config: Any) -> ResolvedOptions:
             f"FlexDraft supports tensor_parallel_size=1 and pipeline_parallel_size=1 only "
             f"(got {par.tensor_parallel_size} and {par.pipeline_parallel_size}); drop -tp/-pp or FlexDraft"
         )
-    if opts.config.mode == "parallel":
+    if opts.config.mode == "parallel" and not runs_eagerly(vllm_config):
         raise FlexDraftConfigError(
-            "FlexDraft mode 'parallel' (drafts fused into the verify forward) is implemented in the "
-            "reference decoder only, not yet inside vLLM; use mode 'sequential' or 'flex'"
+            "FlexDraft mode 'parallel' runs mask rows inside the target's forward, which needs eager "
+            "execution: add enforce_eager=True (--enforce-eager), or use mode 'flex' (it uses "
+            "parallel only where the model runs eagerly) or 'sequential'"
         )
     k = vllm_config.speculative_config.num_speculative_tokens
     if k is None or k < 1:

@@ -61,6 +61,7 @@ def apply() -> None:
     _patch_cpu_kernel_overrides()
     _patch_seeded_discard_on_cpu()
     _patch_frontend_validation()
+    _patch_runner_begin_step()
     _APPLIED = True
 
 
@@ -80,91 +81,108 @@ def expand_batch_to_tokens_impl(
     output[:n] = vals.repeat_interleave(counts)
 
 
+def _wrap(owner, name: str, make, *, as_classmethod: bool = False) -> None:
+    """Replace `owner.name` by `make(original)`, once: a second call finds the
+    `_flexdraft_wrapped` mark and leaves the wrapper in place."""
+    original = getattr(owner, name)
+    original = getattr(original, "__func__", original)  # a classmethod's function
+    if getattr(original, "_flexdraft_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper._flexdraft_wrapped = True
+    setattr(owner, name, classmethod(wrapper) if as_classmethod else wrapper)
+
+
 def _patch_cpu_kernel_overrides() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
-    original = CpuPlatform.register_triton_kernel_overrides.__func__
-    if getattr(original, "_flexdraft_wrapped", False):
-        return
+    def make(original):
+        def register_triton_kernel_overrides(cls) -> None:
+            original(cls)
+            from vllm.triton_utils.dispatcher import _registry, register_kernels
 
-    @functools.wraps(original)
-    def register_triton_kernel_overrides(cls) -> None:
-        original(cls)
-        from vllm.triton_utils.dispatcher import _registry, register_kernels
+            if EXPAND_KERNEL in _registry:  # vLLM installed its C++ fallback: replace that one
+                _registry.pop(EXPAND_KERNEL)  # a deliberate replacement, not the "overwriting" warning case
+                register_kernels({EXPAND_KERNEL: expand_batch_to_tokens_impl})
 
-        if EXPAND_KERNEL in _registry:  # vLLM installed its C++ fallback: replace that one
-            _registry.pop(EXPAND_KERNEL)  # a deliberate replacement, not the "overwriting" warning case
-            register_kernels({EXPAND_KERNEL: expand_batch_to_tokens_impl})
+        return register_triton_kernel_overrides
 
-    register_triton_kernel_overrides._flexdraft_wrapped = True  # type: ignore[attr-defined]
-    CpuPlatform.register_triton_kernel_overrides = classmethod(register_triton_kernel_overrides)
+    _wrap(CpuPlatform, "register_triton_kernel_overrides", make, as_classmethod=True)
 
 
 def _patch_seeded_discard_on_cpu() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.sample_tokens
-    if getattr(original, "_flexdraft_wrapped", False):
-        return
+    def make(original):
+        def sample_tokens(self, *args, **kwargs):
+            gens = self.input_batch.generators
+            if not gens or getattr(self, "execute_model_state", None) is None:
+                return original(self, *args, **kwargs)
+            num_reqs = self.input_batch.num_reqs
+            discard = self.discard_request_mask.np[:num_reqs].nonzero()[0]
+            detached = {int(i): gens.pop(int(i)) for i in discard
+                        if int(i) in gens and gens[int(i)].device.type == "cpu"}
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                gens.update(detached)
 
-    @functools.wraps(original)
-    def sample_tokens(self, *args, **kwargs):
-        gens = self.input_batch.generators
-        if not gens or getattr(self, "execute_model_state", None) is None:
-            return original(self, *args, **kwargs)
-        num_reqs = self.input_batch.num_reqs
-        discard = self.discard_request_mask.np[:num_reqs].nonzero()[0]
-        detached = {int(i): gens.pop(int(i)) for i in discard
-                    if int(i) in gens and gens[int(i)].device.type == "cpu"}
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            gens.update(detached)
+        return sample_tokens
 
-    sample_tokens._flexdraft_wrapped = True  # type: ignore[attr-defined]
-    GPUModelRunner.sample_tokens = sample_tokens
+    _wrap(GPUModelRunner, "sample_tokens", make)
 
 
 def _patch_frontend_validation() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
-    if getattr(original, "_flexdraft_wrapped", False):
-        return
+    def make(original):
+        def create_engine_config(self, *args, **kwargs):
+            vllm_config = original(self, *args, **kwargs)
+            from flexdraft_vllm.vllm_integration.options import check_vllm_config, uses_flexdraft
 
-    @functools.wraps(original)
-    def create_engine_config(self, *args, **kwargs):
-        vllm_config = original(self, *args, **kwargs)
-        from flexdraft_vllm.vllm_integration.options import check_vllm_config, uses_flexdraft
+            if uses_flexdraft(vllm_config):
+                check_vllm_config(vllm_config)
+            return vllm_config
 
-        if uses_flexdraft(vllm_config):
-            check_vllm_config(vllm_config)
-        return vllm_config
+        return create_engine_config
 
-    create_engine_config._flexdraft_wrapped = True  # type: ignore[attr-defined]
-    EngineArgs.create_engine_config = create_engine_config
+    _wrap(EngineArgs, "create_engine_config", make)
 
 
 def _patch_runner_propose() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.propose_draft_token_ids
-    if getattr(original, "_flexdraft_wrapped", False):
-        return
+    def make(original):
+        def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                    sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                    common_attn_metadata, slot_mappings):
+            from flexdraft_vllm.vllm_integration.proposer import FlexDraftProposer
 
-    @functools.wraps(original)
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
-                                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
-                                common_attn_metadata, slot_mappings):
-        from flexdraft_vllm.vllm_integration.proposer import FlexDraftProposer
+            if isinstance(getattr(self, "drafter", None), FlexDraftProposer):
+                self._draft_probs = None
+                self._draft_prob_req_ids = None
+                return self.drafter.propose_for_runner(self, sampled_token_ids, common_attn_metadata.block_table_tensor)
+            return original(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                            sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                            slot_mappings)
 
-        if isinstance(getattr(self, "drafter", None), FlexDraftProposer):
-            self._draft_probs = None
-            self._draft_prob_req_ids = None
-            return self.drafter.propose_for_runner(self, sampled_token_ids, common_attn_metadata.block_table_tensor)
-        return original(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
-                        sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
-                        slot_mappings)
+        return propose_draft_token_ids
 
-    propose_draft_token_ids._flexdraft_wrapped = True  # type: ignore[attr-defined]
-    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    _wrap(GPUModelRunner, "propose_draft_token_ids", make)
+
+
+def _patch_runner_begin_step() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        def execute_model(self, scheduler_output, *args, **kwargs):
+            from flexdraft_vllm.vllm_integration.proposer import FlexDraftProposer
+
+            drafter = getattr(self, "drafter", None)
+            if isinstance(drafter, FlexDraftProposer):
+                drafter.begin_step(self, scheduler_output)
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return execute_model
+
+    _wrap(GPUModelRunner, "execute_model", make)

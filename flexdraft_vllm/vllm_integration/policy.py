@@ -1,14 +1,23 @@
-"""The Flex policy: whether to draft this step, decided from measurements.
+"""The Flex policy: how to draft for the next step, decided from measurements.
 
-FlexDraft only pays when the verify rows ride on weight reads the target does
+Arms (what the engine does for step t+1, decided when step t's tokens are in):
+  parallel    step t+1's verify forward also runs G = n+1 mask groups per
+              request through the deep layers; its drafts come out of that
+              same forward (one pass over the weights per step)
+  sequential  after step t+1's verify, a separate deep-layers-only draft
+              pass with one block per request
+  off         no drafts: plain decoding
+
+FlexDraft only pays when the extra rows ride on weight reads the target does
 anyway (memory-bound regime); once the batch is compute-bound, drafting costs
-more than it saves. Where that crossover lies depends on the machine, model
-and batch composition, so the policy measures it on the running engine
-instead of trusting a table:
+more than it saves, and parallel's G*B mask rows per request cost more than
+sequential's B. Where those crossovers lie depends on the machine, model and
+batch composition, so the policy measures them on the running engine instead
+of trusting a table:
 
   * batches are bucketed by number of decoding requests (powers of two);
-  * per bucket and arm ("draft" / "off") it keeps an EMA of goodput =
-    tokens emitted per second of wall time between consecutive steps;
+  * per bucket and arm it keeps an EMA of goodput = tokens emitted per
+    second of wall time between consecutive steps;
   * it explores each arm `warmup` steps per bucket, then exploits the better
     arm, re-exploring the other arm every `explore_every` steps (so a changed
     workload is noticed). Cost of exploring ~1/explore_every of steps.
@@ -22,7 +31,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-ARMS = ("draft", "off")
+ARMS = ("parallel", "sequential", "off")
 
 
 def bucket_of(num_reqs: int) -> int:
@@ -45,6 +54,7 @@ class _Arm:
 @dataclass
 class FlexPolicy:
     mode: str = "flex"  # flex | sequential | parallel | off
+    allow_parallel: bool = True  # False where the model cannot host mask rows (compiled graphs)
     warmup: int = 4
     explore_every: int = 50
     alpha: float = 0.2
@@ -61,26 +71,35 @@ class FlexPolicy:
             t0, bucket, arm = self._last
             dt = now - t0
             if dt > 0 and tokens_emitted > 0:
-                self.arms.setdefault(bucket, {a: _Arm() for a in ARMS})[arm].update(tokens_emitted / dt, self.alpha)
+                self._bucket(bucket)[arm].update(tokens_emitted / dt, self.alpha)
         self._last = None
 
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return tuple(a for a in ARMS if a != "parallel" or self.allow_parallel)
+
+    def _bucket(self, b: int) -> dict:
+        return self.arms.setdefault(b, {a: _Arm() for a in self.candidates})
+
     def decide(self, num_reqs: int) -> str:
-        """'draft' or 'off' for the step about to be scheduled."""
+        """The arm ('parallel', 'sequential' or 'off') for the next step."""
         self.steps += 1
-        if self.mode == "off":
-            arm = "off"
-        elif self.mode != "flex":
-            arm = "draft"
+        if self.mode != "flex":
+            arm = self.mode
         else:
             b = bucket_of(num_reqs)
-            st = self.arms.setdefault(b, {a: _Arm() for a in ARMS})
-            under = [a for a in ARMS if st[a].n < self.warmup]
+            st = self._bucket(b)
+            arms = self.candidates
+            under = [a for a in arms if st[a].n < self.warmup]
             if under:
                 arm = under[0]
             else:
-                best = max(ARMS, key=lambda a: st[a].ema)
-                other = "off" if best == "draft" else "draft"
-                arm = other if self.steps % self.explore_every == 0 else best
+                best = max(arms, key=lambda a: st[a].ema)
+                if self.steps % self.explore_every == 0:
+                    others = [a for a in arms if a != best]
+                    arm = others[(self.steps // self.explore_every) % len(others)]
+                else:
+                    arm = best
         self.chosen[arm] += 1
         self._last = (self.clock(), bucket_of(num_reqs), arm)
         return arm

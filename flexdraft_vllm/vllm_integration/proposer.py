@@ -12,6 +12,10 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
              Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
              with the bonus. This is parallel mode's group `a` computed after
              verification instead of speculatively before it.
+  parallel   the same blocks computed DURING the verify forward, one group
+             per possible outcome (parallel.py); after sampling, the group of
+             the actual outcome is picked. Used when the policy chose
+             "parallel" for this step and the model runs eagerly.
   drafts     argmax of the calibrated logits, trimmed by confidence
              (verify_length). vLLM verifies drafts as one-hot proposals, which
              is lossless for any draft choice; argmax maximises acceptance.
@@ -23,11 +27,13 @@ when the policy says "off", or when drafts would pass max_model_len.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
@@ -35,8 +41,9 @@ from flexdraft_vllm.reference.attention import batched_block_attention
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
 from flexdraft_vllm.vllm_integration import paged_kv
+from flexdraft_vllm.vllm_integration.options import check_vllm_config, runs_eagerly
+from flexdraft_vllm.vllm_integration.parallel import MaskStream, pick_groups, plan_groups
 from flexdraft_vllm.vllm_integration.policy import FlexPolicy
-from flexdraft_vllm.vllm_integration.options import check_vllm_config
 
 # a child of "vllm" so vLLM's logging config (handler, level, VLLM_LOGGING_LEVEL) applies
 logger = logging.getLogger("vllm.flexdraft")
@@ -58,11 +65,21 @@ class FlexDraftProposer:
         spec = vllm_config.speculative_config
         self.max_drafts = min(self.config.num_drafts, spec.num_speculative_tokens)
         self.max_model_len = model_cfg.max_model_len
-        self.policy = FlexPolicy(mode=self.config.mode)
-        # FLEXDRAFT_RECORD_DRAFTS=N keeps the first N (prefix, drafts, confidences)
-        # for tests that check the paged draft pass against the reference.
-        self.record_limit = int(os.environ.get("FLEXDRAFT_RECORD_DRAFTS", "0"))
-        self.records: list[dict] = []
+        # parallel mode runs Python hooks inside the model forward: eager only
+        self.parallel_ok = runs_eagerly(vllm_config)
+        self.policy = FlexPolicy(mode=self.config.mode, allow_parallel=self.parallel_ok)
+        self._next_parallel = False  # the policy chose "parallel" for the coming step
+        self._pending = None  # (runner, scheduler_output) of a step that will carry mask groups
+        self._building: MaskStream | None = None  # mask groups inside the running forward
+        self._stream: MaskStream | None = None  # the finished step's mask groups
+        self.parallel_blocks = 0  # groups computed in verify forwards (observability)
+        # FLEXDRAFT_RECORD_DRAFTS=N:FILE appends the first N (prefix, drafts,
+        # confidences) to FILE as JSON lines, for tests that check the paged draft
+        # pass against the reference (a file, not an RPC: it works however the
+        # engine's processes are arranged).
+        limit, _, self.record_file = os.environ.get("FLEXDRAFT_RECORD_DRAFTS", "0:").partition(":")
+        self.record_limit = int(limit) if self.record_file else 0
+        self.num_records = 0
         self.drafter: FlexDraftDrafter | None = None
         self.view = None
         self.draft_seconds = 0.0
@@ -85,6 +102,9 @@ class FlexDraftProposer:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}): retrain it for this model"
             )
         self.drafter = drafter.to(device=self.view.device, dtype=self.view.dtype).eval()
+        if self.parallel_ok:
+            for l in self.config.deep_layers:  # hooks on this engine's module instances
+                self.view.layers[l].register_forward_hook(self._hook_for(l))
         logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s)",
                     self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode)
 
@@ -95,35 +115,92 @@ class FlexDraftProposer:
             "registers it; check VLLM_PLUGINS does not exclude 'flexdraft')."
         )
 
-    # ---- the draft pass ------------------------------------------------------------
+    # ---- parallel mode: mask groups inside the verify forward -------------------------
+    def begin_step(self, runner, scheduler_output) -> None:
+        """Called by the patched runner before a step's forward (patches.py entry 5)."""
+        self._stream = self._building = None  # nothing survives from an earlier (maybe failed) step
+        self._pending = (runner, scheduler_output) if self._next_parallel and self.drafter is not None else None
+
+    def _hook_for(self, layer_idx: int):
+        first, last = self.config.split_layer, self.config.deep_layers[-1]
+
+        def hook(module, args, output):
+            if layer_idx == first and self._pending is not None:
+                self._building = self._start_stream(*self._pending)
+                self._pending = None
+            st = self._building
+            if st is None:
+                return None
+            # the real rows of this layer have written their K/V: candidates 0..g are visible to group g
+            st.h = self.drafter.mask_layer(self.view, layer_idx, st.h, st.positions,
+                                           self._attend(layer_idx, st.block_table, st.rows, st.ctx))
+            if layer_idx == last:
+                st.normed = self.view.final_hidden(st.h)
+                self._stream, self._building = st, None
+                self.parallel_blocks += st.plan.num_blocks
+            return None
+
+        return hook
+
+    def _start_stream(self, runner, so) -> MaskStream | None:
+        ib = runner.input_batch
+        R = ib.num_reqs
+        req_ids = ib.req_ids[:R]
+        plan = plan_groups(
+            ib.num_computed_tokens_cpu[:R],
+            np.array([so.num_scheduled_tokens.get(r, 0) for r in req_ids]),
+            np.array([len(so.scheduled_spec_decode_tokens.get(r, ())) for r in req_ids]),
+            ib.num_prompt_tokens[:R],
+            self.max_model_len,
+            self.config.max_parallel_groups,
+        )
+        if plan is None:
+            return None
+        bt = ib.block_table[0].get_device_tensor(R)
+        return MaskStream(plan, bt, self.drafter.mask_embedding, self.config.block_size)
+
+    # ---- drafts after sampling ---------------------------------------------------------
     @torch.inference_mode()
     def propose_for_runner(self, runner, sampled_token_ids: list[list[int]], block_table: torch.Tensor) -> list[list[int]]:
         """Called by the patched runner after sampling; returns drafts per request."""
         n_req = len(sampled_token_ids)
         self.policy.observe(sum(len(s) for s in sampled_token_ids))
+        stream, self._stream = self._stream, None
         drafts: list[list[int]] = [[] for _ in range(n_req)]
         live = [i for i, s in enumerate(sampled_token_ids) if s]
-        if not live or self.drafter is None or self.policy.decide(len(live)) == "off":
+        arm = self.policy.decide(len(live)) if live and self.drafter is not None else "off"
+        self._next_parallel = arm == "parallel"
+        if arm == "off":
             return drafts
         t0 = time.perf_counter()
         ntok = runner.input_batch.num_tokens_no_spec
-        B = self.config.block_size
+        K = min(self.config.block_size - 1, self.max_drafts)
+        # parallel: the group of the actual outcome; its slot 0 must sit on the new bonus
+        par_rows, par_groups = ([], []) if stream is None or stream.normed is None else pick_groups(stream.plan, sampled_token_ids)
+        keep = [j for j, (i, g) in enumerate(zip(par_rows, par_groups)) if int(stream.ctx.view(-1)[g]) == int(ntok[i]) - 1]
+        par_rows, par_groups = [par_rows[j] for j in keep], [par_groups[j] for j in keep]
+        done = set(par_rows)
         # room for drafts: positions up to max_model_len - 1 (the bonus sits at ctx)
-        rows = [(i, int(ntok[i]) - 1) for i in live if int(ntok[i]) + 1 < self.max_model_len]
+        seq_rows = [i for i in live if i not in done and int(ntok[i]) + 1 < self.max_model_len]
+        parts = []
+        if par_rows:
+            parts.append(stream.normed[torch.tensor(par_groups, device=self.view.device), 1 : 1 + K])
+        if seq_rows:
+            idx = torch.tensor(seq_rows, device=self.view.device)
+            ctx = torch.tensor([int(ntok[i]) - 1 for i in seq_rows], device=self.view.device)
+            normed = self.drafter.draft_hidden(self.view, ctx, lambda l: self._attend(l, block_table, idx, ctx[:, None]))
+            parts.append(normed[:, 1 : 1 + K])
+        rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
-            idx = torch.tensor([i for i, _ in rows], device=self.view.device)
-            ctx = torch.tensor([c for _, c in rows], device=self.view.device)
             bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
-            normed = self.drafter.draft_hidden(self.view, ctx, lambda l: self._attend(l, block_table, idx, ctx))
-            logits = self.drafter.draft_logits(self.view, normed[:, 1 : 1 + self.max_drafts],
-                                               bonus[:, None].expand(-1, min(B - 1, self.max_drafts)))
+            logits = self.drafter.draft_logits(self.view, torch.cat(parts), bonus[:, None].expand(-1, K))
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
                                    self.config.min_confidence, max_len=self.max_drafts)
             conf, ids, n = cd.conf, cd.argmax_ids, cd.num_drafts  # [N, K], [N, K], [N]
             ids, n = ids.tolist(), n.tolist()
-            if len(self.records) < self.record_limit:
-                self._record(runner, rows, ids, conf, n)
+            if self.num_records < self.record_limit:
+                self._record(runner, rows, ids, conf, n, num_parallel=len(par_rows))
             for r, (i, c) in enumerate(rows):
                 room = self.max_model_len - (c + 1) - 1
                 drafts[i] = ids[r][: max(0, min(n[r], room))]
@@ -131,26 +208,35 @@ class FlexDraftProposer:
         self._maybe_log()
         return drafts
 
-    def _record(self, runner, rows, ids, conf, n) -> None:
+    def _record(self, runner, rows, ids, conf, n, num_parallel: int) -> None:
         tok = runner.input_batch.token_ids_cpu
-        for r, (i, c) in enumerate(rows):
-            if len(self.records) >= self.record_limit:
-                return
-            self.records.append({"prefix": tok[i, : c + 1].tolist(), "ids": ids[r], "conf": conf[r].tolist(), "n": n[r]})
+        with open(self.record_file, "a") as f:
+            for r, (i, c) in enumerate(rows):
+                if self.num_records >= self.record_limit:
+                    return
+                f.write(json.dumps({"prefix": tok[i, : c + 1].tolist(), "ids": ids[r], "conf": conf[r].tolist(),
+                                    "n": n[r], "path": "parallel" if r < num_parallel else "sequential"}) + "\n")
+                self.num_records += 1
 
-    def _attend(self, layer_idx: int, block_table: torch.Tensor, idx: torch.Tensor, ctx: torch.Tensor):
+    def _attend(self, layer_idx: int, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor):
+        """The attend callback for mask blocks laid out [N, G] (rows [N] of the
+        block table, ctx [N, G]); the drafter passes them flat as [N*G, B, ...]."""
         kv_cache = self.view.kv_cache(layer_idx)
         scale = self.view.scale
+        N, G = ctx.shape
         max_ctx = int(ctx.max())
 
-        def attend(q, k, v):  # [N, B, H, D]: one block per request
+        def attend(q, k, v):  # [N*G, B, H, D]
             if kv_cache.is_cuda:
                 from flexdraft_kernels.mask_attention import mask_attention_for_blocks
 
-                return mask_attention_for_blocks(q, k, v, kv_cache, block_table, idx, ctx, scale, max_ctx_len=max_ctx)
-            if kv_cache.dim() == 4:  # CPU_ATTN layout: one batched gather + attention
-                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[idx], max_ctx, self._cpu_perms(kv_cache))
-                return batched_block_attention(q, k, v, kc, vc, ctx, scale)
+                # the kernel reads each block's pages in place: no per-group copies
+                return mask_attention_for_blocks(q, k, v, kv_cache, block_table, rows.repeat_interleave(G),
+                                                 ctx.reshape(-1), scale, max_ctx_len=max_ctx)
+            if kv_cache.dim() == 4:  # CPU_ATTN layout: one gather per request, shared by its groups
+                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[rows], max_ctx, self._cpu_perms(kv_cache))
+                grouped = lambda t: t.view(N, G, *t.shape[1:])  # noqa: E731
+                return batched_block_attention(grouped(q), grouped(k), grouped(v), kc, vc, ctx, scale).flatten(0, 1)
             raise NotImplementedError(
                 f"FlexDraft cannot read this CPU KV-cache layout {tuple(kv_cache.shape)}; supported: CPU_ATTN "
                 f"[num_blocks, Hkv, block_size, 2*D] (unquantized)")
@@ -171,4 +257,5 @@ class FlexDraftProposer:
         if time.monotonic() < self._log_at:
             return
         self._log_at = time.monotonic() + 30.0
-        logger.info("FlexDraft: policy %s, draft pass %.1f s total", self.policy.summary(), self.draft_seconds)
+        logger.info("FlexDraft: policy %s, draft pass %.1f s total, %d mask groups in verify forwards",
+                    self.policy.summary(), self.draft_seconds, self.parallel_blocks)

@@ -59,6 +59,9 @@ class VllmTargetView:
             q = proj.q_norm(q.view(n, self.num_heads, self.head_dim)).reshape(n, -1)
             k = proj.k_norm(k.view(n, self.num_kv_heads, self.head_dim)).reshape(n, -1)
         rope = self.layers[0].self_attn.rotary_emb  # same RoPE module in every layer
+        # Masks near max_model_len may sit past RoPE's table; those slots never
+        # become drafts (no room), so clamping only keeps the lookup in range.
+        positions = positions.clamp(max=rope.cos_sin_cache.shape[0] - 1)
         q, k = rope(positions, q.contiguous(), k.contiguous())
         return (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
                 v.view(n, self.num_kv_heads, self.head_dim))

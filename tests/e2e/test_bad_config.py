@@ -64,9 +64,9 @@ def test_raw_vllm_arguments_are_checked_in_the_front_end(target_dir):
     from flexdraft_vllm.engine_defaults import default_engine_kwargs
 
     spec = {"model": "flexdraft_vllm.FlexDraft", "num_speculative_tokens": 7}
-    with pytest.raises(FlexDraftConfigError, match="parallel"):
+    with pytest.raises(FlexDraftConfigError, match="parallel.*enforce_eager"):
         LLM(model=str(target_dir), speculative_config=spec, max_model_len=1024,
-            additional_config={"flexdraft": {"mode": "parallel"}}, **default_engine_kwargs())
+            additional_config={"flexdraft": {"mode": "parallel"}}, **default_engine_kwargs(enforce_eager=False))
     with pytest.raises(FlexDraftConfigError, match="tau"):
         LLM(model=str(target_dir), speculative_config=spec, max_model_len=1024,
             additional_config={"flexdraft": {"tau": -1}}, **default_engine_kwargs())

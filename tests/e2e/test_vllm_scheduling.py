@@ -52,7 +52,8 @@ def _assert_same(got, want, what):
 
 def test_preemption_keeps_outputs_identical(target_dir, prompt_sets, plain):
     # room for ~1500 tokens: 16 requests of up to ~250 tokens cannot all stay resident
-    llm = make_llm(target_dir, flexdraft={"mode": "sequential"}, max_model_len=512, max_num_seqs=16,
+    # parallel: mask groups in the verify forward, plus the sequential pass after each (re)prefill
+    llm = make_llm(target_dir, flexdraft={"mode": "parallel"}, max_model_len=512, max_num_seqs=16,
                    kv_cache_memory_bytes=1536 * KV_BYTES_PER_TOKEN)
     try:
         got = _greedy(llm, prompt_sets["mixed"])

@@ -57,19 +57,20 @@ def test_unknown_layout_is_a_clear_error():
 
 
 def test_batched_gather_and_attention_equal_the_per_request_reference():
+    """N requests x G groups (parallel mode: group g sees one more key than g-1)."""
     cache = _cpu_cache(d=64)
     nb, hkv, bs, _ = cache.shape
-    N, B, Hq, D = 5, 8, 9, 64
+    N, G, B, Hq, D = 5, 3, 8, 9, 64
     torch.manual_seed(1)
     table = torch.stack([torch.randperm(nb)[:6] for _ in range(N)])
-    ctx = torch.tensor([1, 16, 17, 50, 90])  # page boundaries and a mid-page end
-    q, k, v = torch.randn(N, B, Hq, D), torch.randn(N, B, hkv, D), torch.randn(N, B, hkv, D)
+    ctx = torch.tensor([1, 14, 17, 50, 88])[:, None] + torch.arange(G)[None]  # page boundaries, mid-page ends
+    q, k, v = torch.randn(N, G, B, Hq, D), torch.randn(N, G, B, hkv, D), torch.randn(N, G, B, hkv, D)
     kc, vc = paged_kv.gather_batch_cpu_layout(cache, table, int(ctx.max()))
     got = batched_block_attention(q, k, v, kc, vc, ctx, D ** -0.5)
     for r in range(N):
-        kr, vr = paged_kv.gather_cpu_layout(cache, table[r], int(ctx[r]))
-        want = block_attention(q[r : r + 1], k[r : r + 1], v[r : r + 1], kr, vr, ctx[r : r + 1], D ** -0.5)
-        torch.testing.assert_close(got[r : r + 1], want, atol=1e-5, rtol=1e-5)
+        kr, vr = paged_kv.gather_cpu_layout(cache, table[r], int(ctx[r].max()))
+        want = block_attention(q[r], k[r], v[r], kr, vr, ctx[r], D ** -0.5)
+        torch.testing.assert_close(got[r], want, atol=1e-5, rtol=1e-5)
 
 
 def test_batched_attention_ignores_keys_past_each_context():
@@ -77,7 +78,8 @@ def test_batched_attention_ignores_keys_past_each_context():
     N, B, Hq, D = 2, 4, 9, 64
     table = torch.tensor([[1, 2, 3], [4, 5, 6]])
     ctx = torch.tensor([10, 20])
-    q, k, v = torch.randn(N, B, Hq, D), torch.randn(N, B, 3, D), torch.randn(N, B, 3, D)
+    q, k, v = torch.randn(N, 1, B, Hq, D), torch.randn(N, 1, B, 3, D), torch.randn(N, 1, B, 3, D)
+    ctx = ctx[:, None]
     kc, vc = paged_kv.gather_batch_cpu_layout(cache, table, 20)
     a = batched_block_attention(q, k, v, kc, vc, ctx, 0.125)
     kc2, vc2 = kc.clone(), vc.clone()

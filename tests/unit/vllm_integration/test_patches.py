@@ -9,13 +9,18 @@ from flexdraft_vllm.vllm_integration import patches
 
 def test_apply_is_idempotent_and_wraps_once():
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    def wrapped():
+        return (GPUModelRunner.propose_draft_token_ids, GPUModelRunner.sample_tokens, GPUModelRunner.execute_model,
+                EngineArgs.create_engine_config, CpuPlatform.register_triton_kernel_overrides.__func__)
+
     patches.apply()
-    first = (GPUModelRunner.propose_draft_token_ids, GPUModelRunner.sample_tokens, EngineArgs.create_engine_config)
+    first = wrapped()
     patches._APPLIED = False  # force a second pass: must not wrap the wrappers
     patches.apply()
-    again = (GPUModelRunner.propose_draft_token_ids, GPUModelRunner.sample_tokens, EngineArgs.create_engine_config)
+    again = wrapped()
     assert first == again
     assert all(getattr(f, "_flexdraft_wrapped", False) for f in first)
 
