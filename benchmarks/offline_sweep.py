@@ -22,7 +22,7 @@ group starts when the previous one finished), greedy, a fixed max_tokens;
 a warm-up group at that batch size runs first and is excluded. Measured:
 output tokens/s, per-request latency (mean/p50/p90), mean accepted length and
 per-position acceptance (vLLM's spec-decode counters, deltas over the cell),
-preemptions, FlexDraft's policy decisions (draft/off steps), and the greedy
+preemptions, FlexDraft's policy decisions (parallel/sequential/off steps), and the greedy
 output tokens, which are checked against plain vLLM's at the same batch size
 (lossless check).
 
@@ -268,9 +268,10 @@ def run_cell(llm, prompts: list[str], batch: int, spec: dict[str, Any], is_flex:
         if p0 and p1 and "chosen" in p0 and "chosen" in p1:
             d = {k: p1["chosen"].get(k, 0) - p0["chosen"].get(k, 0) for k in p1["chosen"]}
             rec["policy"] = {
-                "draft_steps": d.get("draft", 0), "off_steps": d.get("off", 0),
-                "draft_share": d.get("draft", 0) / max(1, sum(d.values())),
-                "note": "FlexDraft in vLLM drafts with the sequential (post-verify) pass; 'off' = plain decode step",
+                "steps": {a: d.get(a, 0) for a in ("parallel", "sequential", "off")},
+                "draft_share": (d.get("parallel", 0) + d.get("sequential", 0)) / max(1, sum(d.values())),
+                "note": "steps per arm the flex policy chose: parallel (groups in the verify forward), "
+                        "sequential (post-verify draft pass), off (plain decode step)",
                 "goodput_tok_s_by_bucket": p1.get("summary", {}).get("goodput_tok_s"),
             }
         else:
@@ -328,7 +329,7 @@ def worker_main(spec_path: str) -> int:
         acc = (rec.get("spec") or {}).get("mean_accepted_length")
         _say(f"{method}: batch {b}: {rec['output_tok_s']:.1f} tok/s, latency mean {rec['latency_s']['mean']:.2f} s"
              + (f", accepted length {acc:.2f}" if acc else "")
-             + (f", policy draft/off {rec['policy'].get('draft_steps')}/{rec['policy'].get('off_steps')}"
+             + (f", policy steps parallel/sequential/off {report.policy_steps(rec['policy'])}"
                 if rec.get("policy") else ""))
     try:
         llm.llm_engine.engine_core.shutdown()

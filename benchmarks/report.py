@@ -308,6 +308,14 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def policy_steps(policy: dict | None) -> str:
+    """'P/S/O' step counts of a flex cell's policy record ('' when absent)."""
+    steps = (policy or {}).get("steps")
+    if not steps:
+        return ""
+    return "/".join(str(steps.get(a, 0)) for a in ("parallel", "sequential", "off"))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -377,7 +385,7 @@ def offline_markdown(results: dict[str, Any]) -> str:
     spec_methods = [m for m in methods if any(metric(c, "spec.mean_accepted_length") for c in results["cells"][m].values())]
     if spec_methods:
         out += ["", "Mean accepted length (1 + accepted/drafts); per-position acceptance; "
-                "FlexDraft policy steps draft/off:", ""]
+                "FlexDraft policy steps parallel/sequential/off:", ""]
         rows = []
         for x in xs:
             row = [str(x)]
@@ -389,9 +397,9 @@ def offline_markdown(results: dict[str, Any]) -> str:
                 cell = "-" if mal is None else f"{mal:.2f}"
                 if pp:
                     cell += " [" + " ".join(f"{p:.2f}" for p in pp[:8]) + "]"
-                pol = (c or {}).get("policy") or {}
-                if pol.get("draft_steps") is not None:
-                    cell += f" {pol['draft_steps']}/{pol.get('off_steps', 0)}"
+                steps = policy_steps((c or {}).get("policy"))
+                if steps:
+                    cell += f" {steps}"
                 row.append(cell)
             rows.append(row)
         out.append(_table(["batch", *spec_methods], rows))

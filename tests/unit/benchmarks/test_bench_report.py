@@ -32,7 +32,7 @@ def offline_results():
     r["cells"] = {
         "plain": {"1": _cell(20.0, 4.0), "2": _cell(36.0, 4.4), "4": _cell(60.0, 5.0)},
         "ngram": {"1": _cell(22.0, 3.6, acc=1.5), "2": _cell(30.0, 5.0, acc=1.4)},
-        "flexdraft-sequential": {"1": _cell(40.0, 2.0, acc=2.8, policy={"draft_steps": 10, "off_steps": 0}),
+        "flexdraft-sequential": {"1": _cell(40.0, 2.0, acc=2.8, policy={"steps": {"parallel": 7, "sequential": 3, "off": 0}}),
                                  "2": _cell(54.0, 2.9, acc=2.7), "4": _cell(0.0, 1.0, status="failed: boom")},
     }
     r["methods"] = {"plain": {"status": "ok"}, "ngram": {"status": "ok"}, "flexdraft-sequential": {"status": "ok"},
@@ -136,7 +136,7 @@ def test_offline_markdown(offline_results):
     assert "Test CPU" in md and "python benchmarks/offline_sweep.py --name t" in md
     assert "| batch | plain | ngram | flexdraft-sequential |" in md
     assert "40.0 (2.00x)" in md and "20.0 (1.00x)" in md
-    assert "2.80 [0.80 0.50] 10/0" in md  # accepted length, per-position, policy draft/off
+    assert "2.80 [0.80 0.50] 7/3/0" in md  # accepted length, per-position, policy parallel/sequential/off
     assert "**flexdraft-parallel**: unavailable: FlexDraftConfigError" in md
     assert "| 4 | 60.0 (1.00x) | - | - |" in md  # missing and failed cells show as '-'
 
