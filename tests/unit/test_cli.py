@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flexdraft_vllm.cli import patch_vllm_version_lookup, serve_argv
+from flexdraft_vllm.cli import patch_vllm_version_lookup, serve_argv, with_cpu_defaults
 
 
 def _flag(argv, name):
@@ -24,6 +24,13 @@ def test_serve_respects_user_speculative_config_and_off():
     mine = ["/m", "--speculative-config", '{"method": "ngram"}']
     assert serve_argv(mine) == ["serve", *mine]
     assert serve_argv(["/m", "--flexdraft-mode", "off"]) == ["serve", "/m"]
+
+
+def test_cpu_serve_uses_the_in_process_executor_unless_chosen():
+    assert with_cpu_defaults(["serve", "/m"], on_cpu=True) == ["serve", "/m", "--distributed-executor-backend", "uni"]
+    mine = ["serve", "/m", "--distributed-executor-backend", "mp"]
+    assert with_cpu_defaults(mine, on_cpu=True) == mine
+    assert with_cpu_defaults(["serve", "/m"], on_cpu=False) == ["serve", "/m"]
 
 
 def test_serve_refuses_ambiguous_additional_config():
