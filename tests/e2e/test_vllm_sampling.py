@@ -2,13 +2,13 @@
 the target's distribution.
 
 Method: the same chat prompt sampled N times (one seed per request) by plain
-vLLM and by vLLM + FlexDraft. Token 1 comes from the prefill; tokens 2 and 3
+vLLM and by vLLM + FlexDraft. Token 1 comes from the prefill; later tokens
 are emitted by vLLM's rejection sampler from FlexDraft's drafts (accepted,
 recovered or bonus), so their distributions are where a lossy path shows. For
-each of tokens 2 and 3 a two-sample chi-square test (scipy chi2_contingency;
+each of tokens 2, 4 and 6 a two-sample chi-square test (scipy chi2_contingency;
 categories with fewer than 10 pooled samples merged into "other") compares the
-two engines. The test fails when any p-value < P_MIN = 1e-3 (with 4 tests the
-false-alarm rate is < 0.4%, and seeds are fixed, so a run is reproducible).
+two engines. The test fails when any p-value < P_MIN = 1e-3 (with 3 tests the
+false-alarm rate is < 0.3%, and seeds are fixed, so a run is reproducible).
 Power: sampling from the draft instead of the residual, ignoring temperature,
 or the uninitialised-temperature bug fixed in patches.py (entry 2) each move
 these distributions far beyond that threshold at N = 300.
@@ -30,6 +30,11 @@ CASES = {"t0.7_top_p0.9": dict(temperature=0.7, top_p=0.9)}
 if FULL:
     CASES["t1.0"] = dict(temperature=1.0)
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
+# Tokens 2, 4 and 6 are compared. Drafts are rarely accepted for the first
+# tokens of an answer (the drafter predicts two tokens past the context), so
+# requests run long enough that verification sees both outcomes.
+MAX_TOKENS = 6
+POSITIONS = [1, 3, 5]
 
 
 def _sample(llm, seed0: int) -> dict[str, list[list[int]]]:
@@ -39,7 +44,7 @@ def _sample(llm, seed0: int) -> dict[str, list[list[int]]]:
     prompt = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
     out = {}
     for name, kw in CASES.items():
-        sps = [SamplingParams(max_tokens=3, seed=seed0 + i, ignore_eos=True, **kw) for i in range(N)]
+        sps = [SamplingParams(max_tokens=MAX_TOKENS, seed=seed0 + i, ignore_eos=True, **kw) for i in range(N)]
         out[name] = [list(o.outputs[0].token_ids) for o in llm.generate([prompt] * N, sps, use_tqdm=False)]
     return out
 
@@ -74,7 +79,7 @@ def chi2_two_sample(x: list[int], y: list[int], min_count: int = 10) -> float:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("position", [1, 2])
+@pytest.mark.parametrize("position", POSITIONS)
 def test_flexdraft_tokens_follow_target_distribution(samples, case, position):
     plain, fd, _ = samples
     x = [s[position] for s in plain[case]]
