@@ -268,7 +268,7 @@ def run_cell(llm, prompts: list[str], batch: int, spec: dict[str, Any], is_flex:
         if p0 and p1 and "chosen" in p0 and "chosen" in p1:
             d = {k: p1["chosen"].get(k, 0) - p0["chosen"].get(k, 0) for k in p1["chosen"]}
             rec["policy"] = {
-                "steps": {a: d.get(a, 0) for a in ("parallel", "sequential", "off")},
+                "steps": {a: d.get(a, 0) for a in report.POLICY_ARMS},
                 "draft_share": (d.get("parallel", 0) + d.get("sequential", 0)) / max(1, sum(d.values())),
                 "note": "steps per arm the flex policy chose: parallel (groups in the verify forward), "
                         "sequential (post-verify draft pass), off (plain decode step)",

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from flexdraft_vllm.vllm_integration.policy import ARMS as POLICY_ARMS  # parallel / sequential / off (no vLLM import)
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_ROOT = BENCH_DIR / "results"
@@ -313,7 +315,7 @@ def policy_steps(policy: dict | None) -> str:
     steps = (policy or {}).get("steps")
     if not steps:
         return ""
-    return "/".join(str(steps.get(a, 0)) for a in ("parallel", "sequential", "off"))
+    return "/".join(str(steps.get(a, 0)) for a in POLICY_ARMS)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -9,8 +9,10 @@ G = n+1 groups of B masks also run through the deep layers of the SAME forward:
               the paged KV cache [0, ctx_g) - the committed context plus
               candidates 0..g, whose K/V the real rows of this very layer have
               just written - and bidirectionally to its own block.
-  after       vLLM verifies; with `a` drafts accepted, group min(a, G-1) holds
-              the next drafts (slots 1..B-1), calibrated with the new bonus.
+  after       vLLM verifies; with `a` drafts accepted, group a holds the next
+              drafts (slots 1..B-1), calibrated with the new bonus. When G was
+              capped below a+1 (max_parallel_groups) no group sits on the new
+              bonus and the request takes the sequential pass instead.
 
 The masks' result equals the sequential draft pass run after verification
 (same context, same weights): parallel mode only changes WHEN it is computed.

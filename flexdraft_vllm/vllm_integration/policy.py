@@ -18,9 +18,9 @@ of trusting a table:
   * batches are bucketed by number of decoding requests (powers of two);
   * per bucket and arm it keeps an EMA of goodput = tokens emitted per
     second of wall time between consecutive steps;
-  * it explores each arm `warmup` steps per bucket, then exploits the better
-    arm, re-exploring the other arm every `explore_every` steps (so a changed
-    workload is noticed). Cost of exploring ~1/explore_every of steps.
+  * it explores each arm `warmup` steps per bucket, then exploits the best
+    arm, re-exploring the others in turn every `explore_every` steps (so a
+    changed workload is noticed). Cost of exploring ~1/explore_every of steps.
 
 The decision made at step t is scored by the step t+1 it shapes (that step
 verifies t's drafts), which is how `observe` attributes measurements.

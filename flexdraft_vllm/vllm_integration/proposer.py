@@ -177,7 +177,8 @@ class FlexDraftProposer:
         K = min(self.config.block_size - 1, self.max_drafts)
         # parallel: the group of the actual outcome; its slot 0 must sit on the new bonus
         par_rows, par_groups = ([], []) if stream is None or stream.normed is None else pick_groups(stream.plan, sampled_token_ids)
-        keep = [j for j, (i, g) in enumerate(zip(par_rows, par_groups)) if int(stream.ctx.view(-1)[g]) == int(ntok[i]) - 1]
+        group_ctx = stream.plan.group_ctx.reshape(-1) if par_rows else None  # host copy: no device sync per row
+        keep = [j for j, (i, g) in enumerate(zip(par_rows, par_groups)) if int(group_ctx[g]) == int(ntok[i]) - 1]
         par_rows, par_groups = [par_rows[j] for j in keep], [par_groups[j] for j in keep]
         done = set(par_rows)
         # room for drafts: positions up to max_model_len - 1 (the bonus sits at ctx)
