@@ -272,7 +272,7 @@ def run_cell(llm, prompts: list[str], batch: int, spec: dict[str, Any], is_flex:
                 "draft_share": (d.get("parallel", 0) + d.get("sequential", 0)) / max(1, sum(d.values())),
                 "note": "steps per arm the flex policy chose: parallel (groups in the verify forward), "
                         "sequential (post-verify draft pass), off (plain decode step)",
-                "goodput_tok_s_by_bucket": p1.get("summary", {}).get("goodput_tok_s"),
+                "state": p1.get("summary"),  # plain step ms per bucket, cost corrections, acceptance
             }
         else:
             rec["policy"] = {"note": "policy state not readable from the engine", "raw": p1}

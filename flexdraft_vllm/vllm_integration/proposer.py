@@ -40,7 +40,7 @@ from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
 from flexdraft_vllm.reference.attention import batched_block_attention
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
-from flexdraft_vllm.vllm_integration import paged_kv
+from flexdraft_vllm.vllm_integration import cost_model, paged_kv
 from flexdraft_vllm.vllm_integration.options import check_vllm_config, runs_eagerly
 from flexdraft_vllm.vllm_integration.parallel import MaskStream, pick_groups, plan_groups
 from flexdraft_vllm.vllm_integration.policy import FlexPolicy
@@ -67,7 +67,8 @@ class FlexDraftProposer:
         self.max_model_len = model_cfg.max_model_len
         # parallel mode runs Python hooks inside the model forward: eager only
         self.parallel_ok = runs_eagerly(vllm_config)
-        self.policy = FlexPolicy(mode=self.config.mode, allow_parallel=self.parallel_ok)
+        self.policy: FlexPolicy | None = None  # made in load_model (flex measures its cost model there)
+        self._scheduled: dict[str, int] = {}  # drafts the running step verifies, per request id
         self._next_parallel = False  # the policy chose "parallel" for the coming step
         self._pending = None  # (runner, scheduler_output) of a step that will carry mask groups
         self._building: MaskStream | None = None  # mask groups inside the running forward
@@ -105,8 +106,32 @@ class FlexDraftProposer:
         if self.parallel_ok:
             for l in self.config.deep_layers:  # hooks on this engine's module instances
                 self.view.layers[l].register_forward_hook(self._hook_for(l))
+        self.policy = self._make_policy()
         logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s)",
                     self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode)
+
+    def _make_policy(self) -> FlexPolicy:
+        cost = None
+        if self.config.mode == "flex":
+            layer = self.view.layers[self.config.split_layer]
+            attn = layer.self_attn
+
+            def layer_work(x):  # the target's weight work per row: qkv, o, MLP
+                qkv, _ = attn.qkv_proj(x)
+                attn.o_proj(qkv[:, : attn.q_size].contiguous())
+                layer.mlp(x)
+
+            head_w = self.view.lm_head_weight
+            t0 = time.perf_counter()
+            cost = cost_model.measure(layer_work, lambda x: torch.nn.functional.linear(x, head_w),
+                                      self.view.cfg.hidden_size, num_layers=self.view.num_layers,
+                                      num_deep=len(self.config.deep_layers), block_size=self.config.block_size,
+                                      device=self.view.device, dtype=self.view.dtype)
+            logger.info("FlexDraft cost model measured in %.1f s: rows %s -> forward %s ms",
+                        time.perf_counter() - t0, list(cost.rows),
+                        [round(cost.forward_s(r) * 1e3, 2) for r in cost.rows])
+        return FlexPolicy(mode=self.config.mode, max_drafts=self.max_drafts, cost=cost,
+                          allow_parallel=self.parallel_ok, max_groups=self.config.max_parallel_groups)
 
     def propose(self, *args, **kwargs):
         raise RuntimeError(
@@ -119,6 +144,7 @@ class FlexDraftProposer:
     def begin_step(self, runner, scheduler_output) -> None:
         """Called by the patched runner before a step's forward (patches.py entry 5)."""
         self._stream = self._building = None  # nothing survives from an earlier (maybe failed) step
+        self._scheduled = {r: len(t) for r, t in scheduler_output.scheduled_spec_decode_tokens.items()}
         self._pending = (runner, scheduler_output) if self._next_parallel and self.drafter is not None else None
 
     def _hook_for(self, layer_idx: int):
@@ -164,13 +190,18 @@ class FlexDraftProposer:
     def propose_for_runner(self, runner, sampled_token_ids: list[list[int]], block_table: torch.Tensor) -> list[list[int]]:
         """Called by the patched runner after sampling; returns drafts per request."""
         n_req = len(sampled_token_ids)
-        self.policy.observe(sum(len(s) for s in sampled_token_ids))
+        req_ids = runner.input_batch.req_ids
+        live = [i for i, s in enumerate(sampled_token_ids) if s]
         stream, self._stream = self._stream, None
         drafts: list[list[int]] = [[] for _ in range(n_req)]
-        live = [i for i, s in enumerate(sampled_token_ids) if s]
-        arm = self.policy.decide(len(live)) if live and self.drafter is not None else "off"
-        self._next_parallel = arm == "parallel"
-        if arm == "off":
+        if self.policy is None:  # no drafter loaded (dummy runs)
+            return drafts
+        # (drafts verified, drafts accepted) per request: the policy's acceptance estimate
+        outcomes = [(self._scheduled.get(req_ids[i], 0), len(sampled_token_ids[i]) - 1) for i in live]
+        self.policy.observe(sum(len(s) for s in sampled_token_ids), [o for o in outcomes if o[0] > 0])
+        dec = self.policy.decide(len(live)) if live else None
+        self._next_parallel = dec is not None and dec.arm == "parallel"
+        if dec is None or dec.arm == "off":
             return drafts
         t0 = time.perf_counter()
         ntok = runner.input_batch.num_tokens_no_spec
@@ -197,11 +228,11 @@ class FlexDraftProposer:
             logits = self.drafter.draft_logits(self.view, torch.cat(parts), bonus[:, None].expand(-1, K))
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
-                                   self.config.min_confidence, max_len=self.max_drafts)
+                                   self.config.min_confidence, max_len=min(self.max_drafts, dec.max_drafts))
             conf, ids, n = cd.conf, cd.argmax_ids, cd.num_drafts  # [N, K], [N, K], [N]
             ids, n = ids.tolist(), n.tolist()
             if self.num_records < self.record_limit:
-                self._record(runner, rows, ids, conf, n, num_parallel=len(par_rows))
+                self._record(runner, rows, ids, conf, n, [g % stream.plan.max_groups for g in par_groups] if par_rows else [])
             for r, (i, c) in enumerate(rows):
                 room = self.max_model_len - (c + 1) - 1
                 drafts[i] = ids[r][: max(0, min(n[r], room))]
@@ -209,14 +240,16 @@ class FlexDraftProposer:
         self._maybe_log()
         return drafts
 
-    def _record(self, runner, rows, ids, conf, n, num_parallel: int) -> None:
+    def _record(self, runner, rows, ids, conf, n, par_groups: list[int]) -> None:
+        """rows: the parallel rows (their group index in par_groups) then the sequential ones."""
         tok = runner.input_batch.token_ids_cpu
         with open(self.record_file, "a") as f:
             for r, (i, c) in enumerate(rows):
                 if self.num_records >= self.record_limit:
                     return
                 f.write(json.dumps({"prefix": tok[i, : c + 1].tolist(), "ids": ids[r], "conf": conf[r].tolist(),
-                                    "n": n[r], "path": "parallel" if r < num_parallel else "sequential"}) + "\n")
+                                    "n": n[r], "path": "parallel" if r < len(par_groups) else "sequential",
+                                    "group": par_groups[r] if r < len(par_groups) else None}) + "\n")
                 self.num_records += 1
 
     def _attend(self, layer_idx: int, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor):
@@ -259,4 +292,4 @@ class FlexDraftProposer:
             return
         self._log_at = time.monotonic() + 30.0
         logger.info("FlexDraft: policy %s, draft pass %.1f s total, %d mask groups in verify forwards",
-                    self.policy.summary(), self.draft_seconds, self.parallel_blocks)
+                    self.policy.summary() if self.policy else None, self.draft_seconds, self.parallel_blocks)

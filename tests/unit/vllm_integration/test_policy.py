@@ -1,8 +1,24 @@
-"""The Flex policy picks the arm with the better measured goodput per batch bucket."""
+"""The Flex policy: cost model + measured acceptance pick the arm and verify length.
+
+A simulated engine stands in for vLLM: its true step time is the cost model's
+weight work times a hidden overhead factor plus a fixed per-step overhead, and
+each drafted request accepts each next draft with probability `p` (so the
+policy has to learn both the correction and the acceptance).
+"""
 
 from __future__ import annotations
 
-from flexdraft_vllm.vllm_integration.policy import FlexPolicy, bucket_of
+import random
+
+import pytest
+
+from flexdraft_vllm.vllm_integration.cost_model import CostModel
+from flexdraft_vllm.vllm_integration.policy import Acceptance, FlexPolicy, bucket_of
+
+# memory-bound up to 64 rows (flat), then linear: a GPU-like knee
+ROWS = (1, 64, 128, 1024)
+COST = CostModel(rows=ROWS, layer_s=(1e-4, 1e-4, 2e-4, 16e-4), head_s=(1e-4, 1e-4, 2e-4, 16e-4),
+                 num_layers=30, num_deep=10, block_size=8)
 
 
 class FakeClock:
@@ -13,58 +29,115 @@ class FakeClock:
         return self.t
 
 
-def _run(policy, clock, num_reqs, steps, cost):
-    """cost(arm) -> (seconds, tokens) of the step that arm shapes."""
-    chosen = []
-    for _ in range(steps):
-        arm = policy.decide(num_reqs)
-        chosen.append(arm)
-        dt, toks = cost(arm)
-        clock.t += dt
-        policy.observe(toks)
-    return chosen
+class Sim:
+    """A toy engine: true times = overhead + factor * modelled weight work."""
+
+    def __init__(self, p: float, overhead=2e-3, factor=1.5, seed=0):
+        self.p, self.overhead, self.factor = p, overhead, factor
+        self.rng = random.Random(seed)
+
+    def step(self, policy, clock, n, steps):
+        chosen, outcomes, tokens = [], [], n
+        for _ in range(steps):
+            policy.observe(tokens, outcomes)
+            dec = policy.decide(n)
+            chosen.append(dec)
+            if dec.arm == "off":
+                clock.t += self.overhead + self.factor * COST.step_s("off", n)
+                outcomes, tokens = [], n
+                continue
+            k = dec.max_drafts
+            groups = k + 1 if dec.arm == "parallel" else 1
+            clock.t += self.overhead * 1.3 + self.factor * COST.step_s(dec.arm, n, k, groups)
+            outcomes = []
+            for _ in range(n):
+                a = 0
+                while a < k and self.rng.random() < self.p:
+                    a += 1
+                outcomes.append((k, a))
+            tokens = n + sum(a for _, a in outcomes)
+        return chosen
+
+
+def _flex(**kw):
+    clock = FakeClock()
+    return FlexPolicy(mode="flex", cost=COST, max_drafts=7, clock=clock, **kw), clock
 
 
 def test_buckets_are_powers_of_two():
     assert [bucket_of(n) for n in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 16, 64]
 
 
-COST = {  # (seconds, tokens) per step: parallel wins small, off wins big
-    1: {"parallel": (0.011, 3), "sequential": (0.014, 3), "off": (0.010, 1)},
-    64: {"parallel": (0.9, 80), "sequential": (0.5, 80), "off": (0.2, 64)},
-    8: {"parallel": (0.05, 20), "sequential": (0.03, 20), "off": (0.03, 8)},
-}
+def test_acceptance_learns_the_per_position_rates():
+    acc = Acceptance(4, prior=0.5, rate=0.05)
+    rng = random.Random(1)
+    for _ in range(3000):
+        a = 0
+        while a < 4 and rng.random() < 0.8:
+            a += 1
+        acc.update([(4, a)])
+    assert acc.accepted == pytest.approx([0.8, 0.64, 0.512, 0.41], abs=0.08)
+    assert acc.tokens(4) == pytest.approx(1 + 0.8 + 0.64 + 0.512 + 0.41, abs=0.2)
+    assert acc.drafts(4) == pytest.approx(4.0)
+    acc.update([(2, 2)] * 500)  # the confidence rule now proposes 2: positions 3, 4 vanish
+    assert acc.proposed[2] < 0.05 and acc.accepted[2] < 0.05
 
 
-def test_flex_picks_the_best_arm_per_batch_bucket():
-    clock = FakeClock()
-    p = FlexPolicy(mode="flex", clock=clock, warmup=3, explore_every=1000)
-    small = _run(p, clock, 1, 40, lambda a: COST[1][a])
-    big = _run(p, clock, 64, 40, lambda a: COST[64][a])
-    mid = _run(p, clock, 8, 40, lambda a: COST[8][a])
-    assert small[-20:] == ["parallel"] * 20
-    assert big[-20:] == ["off"] * 20
-    assert mid[-20:] == ["sequential"] * 20
-    assert set(p.arms) == {1, 8, 64}
+def test_strong_drafter_drafts_at_small_batch_and_stops_when_compute_bound():
+    p, clock = _flex()
+    sim = Sim(p=0.8)
+    small = sim.step(p, clock, 1, 200)
+    assert [d.arm for d in small[-50:]].count("off") <= 2  # only the periodic baseline refresh
+    assert all(d.max_drafts >= 4 for d in small[-50:] if d.arm != "off")
+    big = sim.step(p, clock, 512, 300)  # 512 requests: every extra row costs its full FLOPs
+    assert [d.arm for d in big[-200:]].count("off") == 200
+
+
+def test_weak_drafter_stays_off_and_probes_within_budget():
+    p, clock = _flex(probe_budget=0.02, explore_every=20)
+    sim = Sim(p=0.05)
+    chosen = sim.step(p, clock, 64, 2000)
+    drafted = [d for d in chosen[100:] if d.arm != "off"]
+    # a few probes keep acceptance measured, but not enough to cost more than the budget
+    assert 0 < len(drafted) < 0.02 * 1900
+    assert p.acceptance.accepted[0] < 0.2
+
+
+def test_verify_length_shrinks_as_the_batch_grows():
+    p, clock = _flex(allow_parallel=False)
+    sim = Sim(p=0.6)
+    sim.step(p, clock, 1, 100)
+    k_small = max(d.max_drafts for d in sim.step(p, clock, 1, 50) if d.arm != "off")
+    sim.step(p, clock, 24, 150)  # 24 * 8 rows is past the knee at 64: each extra draft costs
+    ks = [d.max_drafts for d in sim.step(p, clock, 24, 50) if d.arm != "off"]
+    assert k_small == 7 and ks and max(ks) <= 3
+
+
+def test_notices_a_workload_that_becomes_predictable():
+    p, clock = _flex(explore_every=10, allow_parallel=False)
+    sim = Sim(p=0.02)
+    sim.step(p, clock, 8, 300)
+    assert p.acceptance.accepted[0] < 0.2
+    sim.p = 0.95  # e.g. the batch now repeats its context
+    late = sim.step(p, clock, 8, 800)
+    assert [d.arm for d in late[-100:]].count("sequential") > 80
 
 
 def test_without_parallel_the_policy_never_picks_it():
-    clock = FakeClock()
-    p = FlexPolicy(mode="flex", clock=clock, warmup=3, explore_every=5, allow_parallel=False)
-    chosen = _run(p, clock, 1, 60, lambda a: COST[1][a])
-    assert "parallel" not in chosen and chosen[-4:].count("sequential") >= 3
-
-
-def test_flex_keeps_exploring_so_it_notices_a_change():
-    clock = FakeClock()
-    p = FlexPolicy(mode="flex", clock=clock, warmup=2, explore_every=10)
-    chosen = _run(p, clock, 4, 100, lambda a: (0.01, 1) if a == "off" else (0.01, 0.5))
-    assert 0 < chosen.count("sequential") < 30 and 0 < chosen.count("parallel") < 30
+    p, clock = _flex(allow_parallel=False)
+    chosen = Sim(p=0.9).step(p, clock, 1, 200)
+    assert all(d.arm != "parallel" for d in chosen)
+    assert any(d.arm == "sequential" for d in chosen)
 
 
 def test_fixed_modes_never_switch():
     for mode in ("parallel", "sequential", "off"):
-        arm = mode
         clock = FakeClock()
-        p = FlexPolicy(mode=mode, clock=clock)
-        assert set(_run(p, clock, 8, 20, lambda a: (0.01, 1))) == {arm}
+        p = FlexPolicy(mode=mode, clock=clock, max_drafts=5)
+        arms = {d.arm for d in Sim(p=0.5).step(p, clock, 8, 20)}
+        assert arms == {mode}
+
+
+def test_flex_needs_a_cost_model():
+    with pytest.raises(ValueError, match="cost model"):
+        FlexPolicy(mode="flex")

@@ -1,0 +1,42 @@
+"""The start-up cost model: measured on real matmuls, interpolated between row counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexdraft_vllm.vllm_integration.cost_model import CostModel, measure
+
+MODEL = CostModel(rows=(1, 64, 128, 1024), layer_s=(1e-4, 1e-4, 2e-4, 16e-4), head_s=(1e-4, 1e-4, 2e-4, 16e-4),
+                  num_layers=30, num_deep=10, block_size=8)
+
+
+def test_interpolates_and_extrapolates_with_the_last_slope():
+    assert MODEL._at(MODEL.layer_s, 32) == pytest.approx(1e-4)
+    assert MODEL._at(MODEL.layer_s, 96) == pytest.approx(1.5e-4)
+    assert MODEL._at(MODEL.layer_s, 2048) == pytest.approx(32e-4)
+    assert MODEL.forward_s(0) == 0.0 and MODEL.forward_s(1) == pytest.approx(31e-4)
+
+
+def test_drafting_only_adds_work():
+    off = MODEL.step_s("off", 64)
+    seq = MODEL.step_s("sequential", 64, 3)
+    par = MODEL.step_s("parallel", 64, 3, 4)
+    assert off < seq < par
+    # sequential: 64*(1+3) real rows + one block of 8 masks per request in the 10 deep layers + 7 draft logits
+    expect = 30 * MODEL._at(MODEL.layer_s, 256) + MODEL._at(MODEL.head_s, 256) \
+        + 10 * MODEL._at(MODEL.layer_s, 512) + MODEL._at(MODEL.head_s, 448)
+    assert seq == pytest.approx(expect)
+
+
+def test_measure_times_the_given_work():
+    w = torch.randn(256, 256)
+    m = measure(lambda x: x @ w, lambda x: x @ w, 256, num_layers=4, num_deep=2, block_size=4,
+                device=torch.device("cpu"), dtype=torch.float32, rows=(1, 64, 2048))
+    assert m.rows == (1, 64, 2048) and all(t > 0 for t in m.layer_s + m.head_s)
+    assert m.layer_s[-1] > m.layer_s[0]  # 2048 rows of a matmul cost more than 1
+
+
+def test_rejects_unsorted_rows():
+    with pytest.raises(AssertionError):
+        CostModel(rows=(4, 1), layer_s=(1.0, 1.0), head_s=(1.0, 1.0), num_layers=1, num_deep=1, block_size=2)
