@@ -67,24 +67,28 @@ class Acceptance:
 
     proposed[j]  P(a request that drafted proposed >= j+1 drafts)
     accepted[j]  P(draft j+1 was proposed and accepted)
-    Starts from a prior (accepted[j] = prior**(j+1)); each request's outcome
-    moves the estimate by `rate`, so it follows a changing workload.
+    Starts from a prior (accepted[j] = prior**(j+1)) worth `prior_weight`
+    requests: the first outcomes are averaged in (1/n), so a few drafting steps
+    at batch 1 already replace the prior; after that each outcome moves the
+    estimate by `rate` (an EMA over ~1/rate requests), so it follows a changing
+    workload.
     """
 
-    def __init__(self, max_drafts: int, prior: float = 0.5, rate: float = 0.02):
+    def __init__(self, max_drafts: int, prior: float = 0.5, rate: float = 0.02, prior_weight: int = 4):
         self.proposed = [1.0] * max_drafts
         self.accepted = [prior ** (j + 1) for j in range(max_drafts)]
         self.rate = rate
+        self.prior_weight = prior_weight
         self.requests = 0
 
     def update(self, outcomes) -> None:
         """outcomes: (drafts proposed, drafts accepted) per request that drafted."""
-        r = self.rate
         for d, a in outcomes:
             if d <= 0:
                 continue
             a = min(a, d)
             self.requests += 1
+            r = max(self.rate, 1.0 / (self.requests + self.prior_weight))
             for j in range(len(self.proposed)):
                 self.proposed[j] += r * (float(j < d) - self.proposed[j])
                 self.accepted[j] += r * (float(j < a) - self.accepted[j])

@@ -141,3 +141,9 @@ def test_fixed_modes_never_switch():
 def test_flex_needs_a_cost_model():
     with pytest.raises(ValueError, match="cost model"):
         FlexPolicy(mode="flex")
+
+
+def test_acceptance_prior_is_replaced_after_a_few_requests():
+    acc = Acceptance(3, prior=0.5, rate=0.02, prior_weight=4)
+    acc.update([(3, 0)] * 20)  # e.g. 20 drafting steps at batch 1, nothing accepted
+    assert acc.accepted[0] < 0.1
