@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
 ALL_METHODS = list(report.METHOD_ORDER)
+DEFAULT_METHODS = [m for m in ALL_METHODS if m not in report.DIAGNOSTIC_METHODS]
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 PROGRESS = "@@progress "
 NGRAM_DEFAULT = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -297,11 +298,13 @@ def worker_main(spec_path: str) -> int:
         _say(f"{method}: unavailable: {type(e).__name__}: {str(e)[:300]}")
         return 0
     try:
-        sc = llm.llm_engine.vllm_config.speculative_config
+        vc = llm.llm_engine.vllm_config
+        sc, async_sched = vc.speculative_config, bool(vc.scheduler_config.async_scheduling)
     except Exception:  # noqa: BLE001
-        sc = None
+        sc, async_sched = None, None
+    # vLLM turns async scheduling off for custom_class/ngram/suffix methods: recorded, as it moves the ratios
     _emit(inbox, {"method": method, "status": "ok", "engine_start_s": time.perf_counter() - t0,
-                  "resolved_speculative_config": None if sc is None else str(sc)})
+                  "resolved_speculative_config": None if sc is None else str(sc), "async_scheduling": async_sched})
     _say(f"{method}: engine up in {time.perf_counter() - t0:.0f} s")
     from vllm import SamplingParams
 
@@ -429,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="offline", help="results folder name under --results-root")
     ap.add_argument("--results-root", type=Path, default=report.RESULTS_ROOT)
-    ap.add_argument("--methods", type=parse_methods, default=ALL_METHODS, help=",".join(ALL_METHODS))
+    ap.add_argument("--methods", type=parse_methods, default=DEFAULT_METHODS,
+                    help=f"default {','.join(DEFAULT_METHODS)}; also {','.join(report.DIAGNOSTIC_METHODS)}")
     ap.add_argument("--batches", type=parse_int_list, default=DEFAULT_BATCHES, help="default 1,2,4,8,16,32,64")
     ap.add_argument("--model", type=Path, default=None, help="target model folder (default: the prepared SmolLM2)")
     ap.add_argument("--prompts", default="mixed", help="humaneval | chat | mixed | path to a JSONL of {\"prompt\": ...}")

@@ -120,7 +120,8 @@ class FlexPolicy:
     allow_parallel: bool = True  # False where the model cannot host mask rows (compiled graphs)
     max_groups: int | None = None  # cap on G in parallel mode
     explore_every: int = 50
-    probe_budget: float = 0.02
+    probe_budget: float = 0.01
+    replan_every: int = 8  # steps a ranking is reused while nothing was verified (keeps "off" steps cheap)
     alpha: float = 0.2
     clock: callable = time.perf_counter
     acceptance: Acceptance | None = None
@@ -130,6 +131,7 @@ class FlexPolicy:
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
     _last: tuple | None = None  # (time, num_reqs, decision, mean drafts modelled) of the previous decision
+    _plans: dict = field(default_factory=dict)  # num_reqs -> (step, acceptance.requests, ranking)
 
     def __post_init__(self):
         if self.mode == "flex" and self.cost is None:
@@ -200,11 +202,22 @@ class FlexPolicy:
         self._last = (self.clock(), num_reqs, dec, self.acceptance.drafts(dec.max_drafts))
         return dec
 
+    def _ranked(self, n: int) -> list[tuple[float, float, Decision]]:
+        """predict(n), reused for up to `replan_every` steps while no draft was
+        verified: the inputs then only move by EMA noise, and re-ranking 2 arms x
+        k options every step is the largest Python cost of an "off" step."""
+        hit = self._plans.get(n)
+        if hit is not None and self.steps - hit[0] < self.replan_every and hit[1] == self.acceptance.requests:
+            return hit[2]
+        ranked = self.predict(n)
+        self._plans[n] = (self.steps, self.acceptance.requests, ranked)
+        return ranked
+
     def _flex(self, n: int) -> Decision:
         b = bucket_of(n)
         if b not in self.t_off or self.t_off[b].n < 2:
             return Decision("off", 0)  # measure the baseline first: plain steps are safe
-        ranked = self.predict(n)
+        ranked = self._ranked(n)
         g_off, t_off = n / self.t_off[b].value, self.t_off[b].value
         g_best, _, best = ranked[0]
         if best.arm != "off":
