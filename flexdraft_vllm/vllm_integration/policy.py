@@ -144,16 +144,23 @@ class FlexPolicy:
         return tuple(a for a in DRAFTING if a != "parallel" or self.allow_parallel)
 
     # ---- measurements -----------------------------------------------------------------
-    def observe(self, tokens_emitted: int, outcomes=()) -> None:
+    def observe(self, tokens_emitted: int, outcomes=(), step_s: float | None = None) -> None:
         """Score the previous decision with the step that just finished.
 
         outcomes: (proposed, accepted) drafts per request that the finished step verified.
+        step_s: what the decision cost, measured by the engine: the busy time of
+          the step that just finished (forward + sampling) plus the draft pass
+          that followed the decision. None: wall time since the decision (this
+          object's clock). NaN: not a like-for-like decode step (it carried
+          prefill chunks): its outcomes count, its time does not. Wall time
+          would also count idle gaps between requests, which in a server made
+          "plain step" estimates seconds long.
         """
         now = self.clock()
         self.acceptance.update(outcomes)
         if self._last is not None and tokens_emitted > 0:
             t0, n, dec, d = self._last
-            dt, b = now - t0, bucket_of(n)
+            dt, b = (now - t0) if step_s is None else step_s, bucket_of(n)
             if dt > 0 and dec.arm == "off":
                 self.t_off.setdefault(b, _Ema()).update(dt, self.alpha)
             elif dt > 0 and self.cost is not None and b in self.t_off:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -69,6 +70,11 @@ class FlexDraftProposer:
         self.parallel_ok = runs_eagerly(vllm_config)
         self.policy: FlexPolicy | None = None  # made in load_model (flex measures its cost model there)
         self._scheduled: dict[str, int] = {}  # drafts the running step verifies, per request id
+        # the policy's step cost: busy time of the running step (from begin_step) plus the
+        # draft pass after the previous decision; NaN for steps that carry prefill chunks
+        self._step_t0: float | None = None
+        self._decode_only = False
+        self._draft_s = 0.0
         self._next_parallel = False  # the policy chose "parallel" for the coming step
         self._pending = None  # (runner, scheduler_output) of a step that will carry mask groups
         self._building: MaskStream | None = None  # mask groups inside the running forward
@@ -144,7 +150,12 @@ class FlexDraftProposer:
     def begin_step(self, runner, scheduler_output) -> None:
         """Called by the patched runner before a step's forward (patches.py entry 5)."""
         self._stream = self._building = None  # nothing survives from an earlier (maybe failed) step
-        self._scheduled = {r: len(t) for r, t in scheduler_output.scheduled_spec_decode_tokens.items()}
+        self._step_t0 = time.perf_counter()
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        self._scheduled = {r: len(t) for r, t in spec.items()}
+        # decode-only: every request runs its bonus + drafts, nothing from a prompt
+        self._decode_only = all(n == 1 + self._scheduled.get(r, 0)
+                                for r, n in scheduler_output.num_scheduled_tokens.items())
         self._pending = (runner, scheduler_output) if self._next_parallel and self.drafter is not None else None
 
     def _hook_for(self, layer_idx: int):
@@ -198,7 +209,10 @@ class FlexDraftProposer:
             return drafts
         # (drafts verified, drafts accepted) per request: the policy's acceptance estimate
         outcomes = [(self._scheduled.get(req_ids[i], 0), len(sampled_token_ids[i]) - 1) for i in live]
-        self.policy.observe(sum(len(s) for s in sampled_token_ids), [o for o in outcomes if o[0] > 0])
+        timed = self._decode_only and self._step_t0 is not None
+        step_s = time.perf_counter() - self._step_t0 + self._draft_s if timed else math.nan
+        self._draft_s = 0.0
+        self.policy.observe(sum(len(s) for s in sampled_token_ids), [o for o in outcomes if o[0] > 0], step_s)
         dec = self.policy.decide(len(live)) if live else None
         self._next_parallel = dec is not None and dec.arm == "parallel"
         if dec is None or dec.arm == "off":
@@ -236,7 +250,8 @@ class FlexDraftProposer:
             for r, (i, c) in enumerate(rows):
                 room = self.max_model_len - (c + 1) - 1
                 drafts[i] = ids[r][: max(0, min(n[r], room))]
-        self.draft_seconds += time.perf_counter() - t0
+        self._draft_s = time.perf_counter() - t0
+        self.draft_seconds += self._draft_s
         self._maybe_log()
         return drafts
 

@@ -21,6 +21,10 @@ PLAN = [(1, 3), (8, 8), (32, 32)] if FAST else [(1, 50), (8, 56), (32, 64)]
 # groups, and flex's mix of parallel/sequential/off); sequential-only is the
 # same draft pass flex and parallel already use, checked at full size.
 MODES = ["parallel", "flex"] if FAST else ["sequential", "parallel", "flex"]
+# Parallel mode at batch 32 (32 x G x B mask rows per step) is the slowest cell
+# on a 2-core CPU; the default run drafts at batch 16 in test_vllm_scheduling's
+# preemption test (parallel mode) instead, the full run keeps it.
+SKIP_CELLS = {("parallel", 32)} if FAST else set()
 MAX_TOKENS = 32 if FAST else 48  # default run: shorter answers keep CI well under 30 min
 
 
@@ -51,6 +55,8 @@ def test_greedy_identical_to_plain_vllm(target_dir, prompts, plain_outputs, mode
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     try:
         for b, n in PLAN:
+            if (mode, b) in SKIP_CELLS:
+                continue
             got = [list(o.outputs[0].token_ids) for o in generate_in_batches(llm, prompts[:n], sp, b)]
             bad = [i for i, (g, w) in enumerate(zip(got, plain_outputs[b])) if g != w]
             assert not bad, f"mode={mode} batch={b}: {len(bad)} of {n} outputs differ from plain vLLM, e.g. #{bad[0]}"

@@ -147,3 +147,20 @@ def test_acceptance_prior_is_replaced_after_a_few_requests():
     acc = Acceptance(3, prior=0.5, rate=0.02, prior_weight=4)
     acc.update([(3, 0)] * 20)  # e.g. 20 drafting steps at batch 1, nothing accepted
     assert acc.accepted[0] < 0.1
+
+
+def test_engine_step_time_scores_decisions_not_wall_clock():
+    """The engine's busy time scores a decision (idle gaps between a server's
+    requests are not a step's cost); NaN, a step with prefill chunks, leaves
+    the step-time estimates alone."""
+    clock = FakeClock()
+    p = FlexPolicy(mode="off", clock=clock)  # every decision "off": each step scores T_off
+    for _ in range(4):
+        p.observe(1, (), step_s=0.01)
+        p.decide(1)
+        clock.t += 5.0
+    assert p.t_off[1].n == 3 and abs(p.t_off[1].value - 0.01) < 1e-12
+    p.observe(1, (), step_s=float("nan"))
+    p.decide(1)
+    p.observe(1, (), step_s=0.01)
+    assert p.t_off[1].n == 4
