@@ -4,13 +4,17 @@ On vLLM's CPU backend `gpu_memory_utilization` is a fraction of the NUMA
 node's memory, which on small containers is less than vLLM's 0.92 default
 asks for; an explicit KV-cache size is both safer and reproducible.
 
-Also on CPU: the default multiprocess executor puts the worker in its own
-process and the engine core busy-waits (sched_yield loop) on the worker's
+Also on CPU: the multiprocess executor puts the worker in its own process
+and the engine core busy-waits (sched_yield loop) on the worker's
 shared-memory reply queue, which takes a whole core from the worker's
 OpenMP threads. With one worker there is nothing to distribute, so the
-in-process ("uni") executor is used: measured on a 2-core machine, plain
-vLLM went from 8.7 to 13.0 tok/s at batch 1 and from 35 to 51 tok/s at
-batch 8 (SmolLM2-135M fp32, greedy, 64 tokens per request).
+in-process ("uni") executor is asked for. vLLM 0.32's CPU platform keeps it
+only when the engine core itself runs in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0); with its default (1) it switches back to
+"mp" so that it can set up OpenMP in the worker. In one process plain vLLM
+measured 27 vs 16 tok/s at batch 1 on a 2-core Intel Xeon (SmolLM2-135M
+fp32, greedy, 64 tokens per request); tests keep the default (several
+engines start and stop in one pytest process).
 """
 
 from __future__ import annotations
