@@ -302,7 +302,8 @@ def worker_main(spec_path: str) -> int:
         sc, async_sched = vc.speculative_config, bool(vc.scheduler_config.async_scheduling)
     except Exception:  # noqa: BLE001
         sc, async_sched = None, None
-    # vLLM turns async scheduling off for custom_class/ngram/suffix methods: recorded, as it moves the ratios
+    # recorded, as a difference between methods moves the ratios: vLLM 0.32 turns async scheduling
+    # off for custom_class/ngram/suffix methods on CUDA, and for every engine on CPU
     _emit(inbox, {"method": method, "status": "ok", "engine_start_s": time.perf_counter() - t0,
                   "resolved_speculative_config": None if sc is None else str(sc), "async_scheduling": async_sched})
     _say(f"{method}: engine up in {time.perf_counter() - t0:.0f} s")
