@@ -44,6 +44,11 @@ class FlexDraftConfig:
     block_size: int  # B masks per block; the first sits in the bonus slot -> B-1 drafts
     calibrator: CalibratorKind = "tied"
     calib_rank: int = 256
+    # drafts come from the draft_vocab_size most frequent tokens of the training
+    # data (0 = the full vocabulary): the draft head then reads a K-row slice of
+    # the LM head instead of all of it, which is most of a draft pass's memory
+    # traffic. Verification is over the full vocabulary, so output is unchanged.
+    draft_vocab_size: int = 0
     format_version: int = FORMAT_VERSION
     # ---- runtime knobs (additional_config / speculative config) -------------
     mode: Mode = "flex"
@@ -63,7 +68,8 @@ class FlexDraftConfig:
             return isinstance(x, int) and not isinstance(x, bool)
 
         for name in ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "split_layer", "block_size", "calib_rank"):
+                     "num_key_value_heads", "head_dim", "split_layer", "block_size", "calib_rank",
+                     "draft_vocab_size"):
             if not is_int(getattr(self, name)):
                 bad(f"{name}={getattr(self, name)!r} must be an integer")
         for name in ("max_verify", "max_parallel_groups"):
@@ -91,6 +97,8 @@ class FlexDraftConfig:
             bad(f"max_parallel_groups={self.max_parallel_groups} must be >= 1")
         if self.calibrator not in ("tied", "full"):
             bad(f"calibrator={self.calibrator!r}: use tied or full")
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            bad(f"draft_vocab_size={self.draft_vocab_size} must be in [0 (full vocabulary), vocab_size={self.vocab_size}]")
 
     # ---- derived -------------------------------------------------------------
     @property

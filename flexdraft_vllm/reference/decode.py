@@ -132,13 +132,16 @@ def _propose(
         r.drafts, r.q = [], None
         return
     bonus = torch.full((rows.shape[0],), r.out[-1], device=rows.device)
-    logits = drafter.draft_logits(target, rows, bonus).float()  # [k, V]
+    logits = drafter.draft_logits(target, rows, bonus).float()  # [k, K]: over the draft vocabulary
     conf = logits.softmax(-1).amax(-1)
     n = int(verify_length(conf[None], cfg.verify_rule, cfg.tau, cfg.min_confidence, cfg.max_verify)[0])
     if temperature <= 0:
-        r.drafts, r.q = logits[:n].argmax(-1).tolist(), None
+        r.drafts, r.q = drafter.token_ids(logits[:n].argmax(-1)).tolist(), None
     else:
-        q = torch.softmax(logits[:n] / temperature, -1)
+        q_draft = torch.softmax(logits[:n] / temperature, -1)
+        # the draft law over the full vocabulary: zero outside the draft vocabulary
+        q = q_draft if drafter.draft_vocab is None else torch.zeros(
+            n, cfg.vocab_size, device=q_draft.device).index_copy_(1, drafter.draft_vocab, q_draft)
         # drafts are sampled sequentially from their own calibrated q_i (independent given the block)
         r.drafts = (q / _noise(r, tuple(q.shape), q.device)).argmax(-1).tolist()
         r.q = q

@@ -3,6 +3,8 @@
   mask_embedding          [h]   hidden state injected for every mask at the split layer
   mask_attn[l - s]        tuned q/k/v/o (+ q/k norms) for mask rows in deep layer l
   calibrator              bonus-guided MLP on the final-normed mask hidden
+  draft_vocab             [K] token ids drafts are drawn from (only when
+                          config.draft_vocab_size = K > 0; else the full vocabulary)
 
 Layernorms and MLPs are the target's (shared, frozen). Real rows never touch
 anything here, which is what makes FlexDraft lossless.
@@ -12,6 +14,10 @@ Calibrator ("tied", our default; the paper's head is "full"):
   logits = lm_head(normed + c)                     (= lm_head(normed) + lm_head(c))
 "full":  logits = lm_head(normed) + Linear(r, V)(...). The last layer is zero-
 initialised either way, so an untrained calibrator is the identity.
+
+With a draft vocabulary, lm_head above is its K-row slice (cached once) and
+draft logits index the draft vocabulary; `token_ids` maps them back. Drafts
+are proposals only, so this changes speed and acceptance, never the output.
 """
 
 from __future__ import annotations
@@ -101,9 +107,13 @@ class FlexDraftDrafter(nn.Module):
         h = config.hidden_size
         self.mask_embedding = nn.Parameter(torch.zeros(h, dtype=target.dtype, device=target.device))
         self.mask_attn = nn.ModuleList(target.make_mask_projector(l) for l in config.deep_layers)
-        self.calibrator = Calibrator(h, config.calib_rank, config.vocab_size, config.calibrator).to(
+        K = config.draft_vocab_size
+        self.calibrator = Calibrator(h, config.calib_rank, K or config.vocab_size, config.calibrator).to(
             device=target.device, dtype=target.dtype
         )
+        # [K] ascending token ids; set by training (set_draft_vocab) or loaded with the weights
+        self.register_buffer("draft_vocab", torch.arange(K, device=target.device) if K else None)
+        self._head: tuple | None = None  # (lm_head it was sliced from, vocab version, [K, h] slice)
 
     # ---- the mask path ---------------------------------------------------------
     def mask_layer(
@@ -147,19 +157,41 @@ class FlexDraftDrafter(nn.Module):
             h = self.mask_layer(target, l, h, positions, attend_for_layer(l))
         return target.final_hidden(h)
 
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """token_ids: [K] distinct ids (stored sorted)."""
+        assert self.draft_vocab is not None and token_ids.numel() == self.draft_vocab.numel(), \
+            "draft vocabulary size is fixed by config.draft_vocab_size"
+        assert token_ids.unique().numel() == token_ids.numel(), "draft vocabulary ids must be distinct"
+        self.draft_vocab.copy_(token_ids.sort().values)
+
+    def head_weight(self, target) -> torch.Tensor:  # [K or V, h]
+        """The LM-head rows drafts are scored on (frozen; the slice is cached)."""
+        w = target.lm_head_weight
+        if self.draft_vocab is None:
+            return w
+        key = (w, self.draft_vocab._version)
+        if self._head is None or self._head[0] is not w or self._head[1] != key[1]:
+            self._head = (w, key[1], w.detach().index_select(0, self.draft_vocab.to(w.device)))
+        return self._head[2]
+
     def draft_logits(
         self,
         target,
         normed: torch.Tensor,  # [..., hidden] final-normed hidden of draft masks
         bonus_ids: torch.Tensor,  # [...] the resolved bonus each mask is anchored on
-    ) -> torch.Tensor:  # [..., V]
-        return self.calibrator(normed, target.embed(bonus_ids), target.lm_head_weight)
+    ) -> torch.Tensor:  # [..., K or V] over the draft vocabulary (see token_ids)
+        return self.calibrator(normed, target.embed(bonus_ids), self.head_weight(target))
+
+    def token_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Indices into draft_logits' last dimension -> target token ids."""
+        return draft_ids if self.draft_vocab is None else self.draft_vocab[draft_ids]
 
     # ---- checkpoint ----------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+              for k, v in self.state_dict().items()}
         save_file(sd, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         cfg = {"architectures": ["FlexDraftDrafter"], CONFIG_KEY: self.config.weights_dict()}
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -189,7 +221,7 @@ class FlexDraftDrafter(nn.Module):
                 f"config.json and {WEIGHTS_FILE} come from different checkpoints; retrain it"
             )
         missing, unexpected = drafter.load_state_dict(
-            {k: v.to(target.dtype) for k, v in sd.items()}, strict=False
+            {k: v.to(target.dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=False
         )
         if missing or unexpected:
             raise FlexDraftConfigError(

@@ -9,10 +9,11 @@ target's own weights:
 
   layer_s(R)  one decoder layer's weight work (qkv, o projections, MLP) on R rows
   head_s(R)   the LM head on R rows
+  draft_head_s(R)  the draft head on R rows (the LM head, or its draft-vocabulary slice)
 
 A step's weight work is then L*layer_s(rows) + head_s(rows) for the real rows,
 plus (L - split)*layer_s(mask rows) for mask rows (their projectors have the
-target's shapes) and head_s for the draft logits. Per-step overheads that are
+target's shapes) and draft_head_s for the draft logits. Per-step overheads that are
 not weight work (scheduler, attention, Python) are not in the model; the
 policy learns them online (policy.py). Between measured row counts the model
 interpolates linearly; beyond the largest it extrapolates with the last slope
@@ -38,10 +39,12 @@ class CostModel:
     num_layers: int
     num_deep: int  # layers a mask row runs through
     block_size: int  # B mask rows per block
+    draft_head_s: tuple[float, ...] | None = None  # seconds of the draft head (None: same as head_s)
 
     def __post_init__(self):
         assert len(self.rows) >= 2 and list(self.rows) == sorted(self.rows) and self.rows[0] >= 1
         assert len(self.layer_s) == len(self.head_s) == len(self.rows)
+        assert self.draft_head_s is None or len(self.draft_head_s) == len(self.rows)
 
     def _at(self, ys: tuple[float, ...], r: float) -> float:
         if r <= 0:
@@ -69,7 +72,8 @@ class CostModel:
         if arm == "off":
             return t
         masks = batch * self.block_size * (groups if arm == "parallel" else 1.0)
-        return t + self.num_deep * self._at(self.layer_s, masks) + self._at(self.head_s, batch * (self.block_size - 1))
+        draft_head = self.head_s if self.draft_head_s is None else self.draft_head_s
+        return t + self.num_deep * self._at(self.layer_s, masks) + self._at(draft_head, batch * (self.block_size - 1))
 
 
 def _time(fn: Callable[[], object], min_s: float = 0.01, max_reps: int = 20) -> float:
@@ -86,10 +90,12 @@ def _time(fn: Callable[[], object], min_s: float = 0.01, max_reps: int = 20) -> 
 @torch.inference_mode()
 def measure(layer_work: Callable[[torch.Tensor], object], head_work: Callable[[torch.Tensor], object],
             hidden_size: int, *, num_layers: int, num_deep: int, block_size: int,
-            device: torch.device, dtype: torch.dtype, rows: tuple[int, ...] = ROWS) -> CostModel:
-    """Time layer_work / head_work (callables over an [R, hidden] tensor) at each R in rows."""
+            device: torch.device, dtype: torch.dtype, rows: tuple[int, ...] = ROWS,
+            draft_head_work: Callable[[torch.Tensor], object] | None = None) -> CostModel:
+    """Time layer_work / head_work / draft_head_work (callables over an [R, hidden]
+    tensor; no draft_head_work: the draft head is head_work) at each R in rows."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    layer_s, head_s = [], []
+    layer_s, head_s, draft_head_s = [], [], []
     for r in rows:
         x = torch.randn(r, hidden_size, device=device, dtype=dtype) * 0.1
 
@@ -101,6 +107,13 @@ def measure(layer_work: Callable[[torch.Tensor], object], head_work: Callable[[t
             head_work(x)
             sync()
 
+        def run_draft_head(x=x):
+            draft_head_work(x)
+            sync()
+
         layer_s.append(_time(run_layer))
         head_s.append(_time(run_head))
-    return CostModel(tuple(rows), tuple(layer_s), tuple(head_s), num_layers, num_deep, block_size)
+        if draft_head_work is not None:
+            draft_head_s.append(_time(run_draft_head))
+    return CostModel(tuple(rows), tuple(layer_s), tuple(head_s), num_layers, num_deep, block_size,
+                     tuple(draft_head_s) if draft_head_work is not None else None)

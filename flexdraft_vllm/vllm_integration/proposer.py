@@ -102,7 +102,8 @@ class FlexDraftProposer:
         self.view = VllmTargetView(target_model)
         drafter = FlexDraftDrafter(self.config, self.view)
         sd = load_file(str(self.drafter_path / WEIGHTS_FILE))
-        missing, unexpected = drafter.load_state_dict({k: v.to(self.view.dtype) for k, v in sd.items()}, strict=False)
+        missing, unexpected = drafter.load_state_dict(
+            {k: v.to(self.view.dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
         if missing or unexpected:
             raise FlexDraftConfigError(
                 f"drafter checkpoint {self.drafter_path} does not fit this target "
@@ -128,11 +129,13 @@ class FlexDraftProposer:
                 layer.mlp(x)
 
             head_w = self.view.lm_head_weight
+            draft_w = self.drafter.head_weight(self.view)  # its draft-vocabulary slice, or all of it
             t0 = time.perf_counter()
             cost = cost_model.measure(layer_work, lambda x: torch.nn.functional.linear(x, head_w),
                                       self.view.cfg.hidden_size, num_layers=self.view.num_layers,
                                       num_deep=len(self.config.deep_layers), block_size=self.config.block_size,
-                                      device=self.view.device, dtype=self.view.dtype)
+                                      device=self.view.device, dtype=self.view.dtype,
+                                      draft_head_work=lambda x: torch.nn.functional.linear(x, draft_w))
             logger.info("FlexDraft cost model measured in %.1f s: rows %s -> forward %s ms",
                         time.perf_counter() - t0, list(cost.rows),
                         [round(cost.forward_s(r) * 1e3, 2) for r in cost.rows])
@@ -243,7 +246,7 @@ class FlexDraftProposer:
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
                                    self.config.min_confidence, max_len=min(self.max_drafts, dec.max_drafts))
-            conf, ids, n = cd.conf, cd.argmax_ids, cd.num_drafts  # [N, K], [N, K], [N]
+            conf, ids, n = cd.conf, self.drafter.token_ids(cd.argmax_ids), cd.num_drafts  # [N, K], [N, K], [N]
             ids, n = ids.tolist(), n.tolist()
             if self.num_records < self.record_limit:
                 self._record(runner, rows, ids, conf, n, [g % stream.plan.max_groups for g in par_groups] if par_rows else [])

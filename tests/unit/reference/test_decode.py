@@ -237,13 +237,16 @@ def joint_pvalue(samples: list[list[int]], p1, cond: dict, n_min: float = 5.0) -
     return chi2_pvalue(ids, np.array(probs))
 
 
-def make_tiny_spec(make_tiny):
-    """A tiny peaked Llama and a drafter whose q is neither p nor useless."""
+def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None):
+    """A tiny peaked Llama and a drafter whose q is neither p nor useless
+    (optionally drafting from a subset of the vocabulary)."""
     torch.manual_seed(0)
     t = make_tiny(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
-    cfg = FlexDraftConfig.for_target(t.cfg, split_layer=1, block_size=4)
+    cfg = FlexDraftConfig.for_target(t.cfg, split_layer=1, block_size=4, draft_vocab_size=len(draft_vocab or []))
     d = FlexDraftDrafter(cfg, t)
+    if draft_vocab:
+        d.set_draft_vocab(torch.tensor(draft_vocab))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         d.mask_embedding.copy_(torch.randn(d.mask_embedding.shape, generator=g))
@@ -252,14 +255,19 @@ def make_tiny_spec(make_tiny):
     return t, d.eval()
 
 
+# half the vocabulary: drafts can never be the other tokens, whose mass verification must still restore
+TINY_DRAFT_VOCAB = list(range(0, 24, 2))
+
+
 N_TINY = 800
 TINY_PROMPT = [1, 5, 9]
 TINY_T = 0.8
 
 
+@pytest.mark.parametrize("draft_vocab", [None, TINY_DRAFT_VOCAB], ids=["full-vocab", "draft-vocab"])
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
-def test_sampling_preserves_target_law_tiny(make_tiny, mode):
-    t, d = make_tiny_spec(make_tiny)
+def test_sampling_preserves_target_law_tiny(make_tiny, mode, draft_vocab):
+    t, d = make_tiny_spec(make_tiny, draft_vocab)
     out, stats = generate_flexdraft(t, d, [TINY_PROMPT] * N_TINY, 2, mode=mode, temperature=TINY_T, seed=1)
     acc = stats.accepted_per_pos[0] / stats.proposed_per_pos[0]
     assert 0.1 < acc < 0.9, acc  # both accept and reject paths carry weight
@@ -267,6 +275,24 @@ def test_sampling_preserves_target_law_tiny(make_tiny, mode):
     assert chi2_pvalue(torch.tensor([o[0] for o in out]), p1.numpy()) >= P_MIN
     pv = joint_pvalue(out, p1, cond)
     assert pv >= P_MIN, f"(t1, t2) deviates from the target law (p={pv:.2e})"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_greedy_with_a_draft_vocabulary_equals_plain_and_drafts_only_from_it(make_tiny, monkeypatch, mode):
+    t, d = make_tiny_spec(make_tiny, TINY_DRAFT_VOCAB)
+    proposed = []
+    real = decode._propose
+
+    def spy(target, drafter, r, block, offset, temperature):
+        real(target, drafter, r, block, offset, temperature)
+        proposed.extend(r.drafts)
+
+    monkeypatch.setattr(decode, "_propose", spy)
+    prompts = [TINY_PROMPT, [2, 3], [7, 11, 13, 4, 6]]
+    out, _ = generate_flexdraft(t, d, prompts, 12, mode=mode)
+    assert out == generate_plain(t, prompts, 12)
+    assert proposed and set(proposed) <= set(TINY_DRAFT_VOCAB)
+    assert set(o for seq in out for o in seq) - set(TINY_DRAFT_VOCAB), "the output itself is not limited"
 
 
 def test_sampling_law_test_detects_a_wrong_sampler(make_tiny, monkeypatch):

@@ -279,3 +279,31 @@ def test_load_against_another_architecture_with_the_same_shapes(tmp_path, tiny_t
     msg = str(e.value)
     assert "LlamaForCausalLM" in msg and "Qwen2ForCausalLM" in msg, msg
     assert "python -m flexdraft_vllm.training.train" in msg
+
+
+def test_draft_vocabulary_round_trip_and_sliced_head(tmp_path, tiny_target):
+    """Token ids survive the half-precision save exactly (ids up to 95 here; fp16
+    would corrupt ids above 2048 on a real vocabulary), and draft logits are the
+    full-vocabulary logits restricted to the draft vocabulary."""
+    import dataclasses
+
+    base = _tiny_drafter(tiny_target)
+    d = FlexDraftDrafter(dataclasses.replace(base.config, draft_vocab_size=5), tiny_target)
+    d.load_state_dict({**base.state_dict(), "draft_vocab": d.draft_vocab}, strict=False)
+    d.set_draft_vocab(torch.tensor([95, 2, 40, 7, 61]))
+    d.save(tmp_path / "dv")
+    with safe_open(str(tmp_path / "dv" / WEIGHTS_FILE), "pt") as f:
+        assert f.get_tensor("draft_vocab").dtype == torch.int64
+    back = FlexDraftDrafter.load(tmp_path / "dv", tiny_target)
+    assert back.draft_vocab.tolist() == [2, 7, 40, 61, 95]
+    normed = torch.randn(3, 48)
+    bonus = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        got = back.draft_logits(tiny_target, normed, bonus)
+        assert got.shape == (3, 5)
+        full = FlexDraftDrafter(base.config, tiny_target)
+        full.load_state_dict({k: v for k, v in back.state_dict().items() if k != "draft_vocab"}, strict=False)
+        # the tied calibrator's correction lives in hidden space: same c, full head vs its slice
+        c_full = full.draft_logits(tiny_target, normed, bonus)
+    torch.testing.assert_close(got, c_full[:, back.draft_vocab], rtol=1e-5, atol=1e-5)
+    assert back.token_ids(torch.tensor([[4, 0]])).tolist() == [[95, 2]]

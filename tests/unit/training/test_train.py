@@ -36,3 +36,110 @@ def test_config_rejects_unknown_options(tmp_path):
     with pytest.raises(SystemExit, match="blocks_per_sq"):
         TrainConfig.load(str(p), {})
     assert TrainConfig.load(None, {"tune_steps": 5, "seed": None}).tune_steps == 5
+
+
+# ---- the batched training forward ----------------------------------------------------
+def _tiny(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flexdraft_vllm.config import FlexDraftConfig
+    from flexdraft_vllm.reference.drafter import FlexDraftDrafter
+    from flexdraft_vllm.reference.target import TargetAdapter
+
+    torch.manual_seed(seed)
+    target = TargetAdapter(LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"])).float())
+    cfg = FlexDraftConfig.for_target(target.cfg, split_layer=2, block_size=4, target_model_id="tiny/llama",
+                                     target_fingerprint="feedfacefeedface", calibrator="tied", calib_rank=16)
+    drafter = FlexDraftDrafter(cfg, target)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    return target, drafter
+
+
+def _items(target, drafter, lengths):
+    from flexdraft_vllm.training.data import deep_kv_for
+
+    out = []
+    for i, T in enumerate(lengths):
+        ids = torch.randint(0, 96, (T,), generator=torch.Generator().manual_seed(i))
+        out.append({"ids": ids, "prompt_len": 3, "kv": deep_kv_for(target, ids.tolist(), drafter.config.deep_layers)})
+    return out
+
+
+def test_batched_training_forward_equals_the_per_sequence_decoding_path():
+    """Training pads sequences of different lengths into one batch; every block
+    must still see exactly the K/V the decoder's dense path gives it."""
+    from flexdraft_vllm.reference.drafter import dense_block_attend
+    from flexdraft_vllm.training.train import collate, draft_forward
+
+    target, drafter = _tiny()
+    items = _items(target, drafter, [9, 17, 12])
+    cfg = TrainConfig(block_size=4, seqs_per_step=3, blocks_per_seq=5)
+    samples = block_batch(items, random.Random(0), cfg)
+    kv, ctx, tgt, bonus = collate(samples)
+    assert kv.shape[2:4] == (3, 17) and ctx.shape == (3, 5) and tgt.shape == (3, 5, 3)
+    with torch.no_grad():
+        got = draft_forward(target, drafter, kv, ctx).view(3, 5, 4, -1)
+        s = drafter.config.split_layer
+        for n, (it, c, *_) in enumerate(samples):
+            want = drafter.draft_hidden(
+                target, c, lambda l, it=it, c=c: dense_block_attend(it["kv"][l - s, 0], it["kv"][l - s, 1], c,
+                                                                     target.scale))
+            torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_step_loss_trains_only_what_the_stage_owns(calibrated):
+    from flexdraft_vllm.training.train import collate, step_loss
+
+    target, drafter = _tiny(1)
+    items = _items(target, drafter, [10, 14])
+    batch = collate(block_batch(items, random.Random(1), TrainConfig(block_size=4, seqs_per_step=2, blocks_per_seq=4)))
+    loss, st = step_loss(target, drafter, batch, calibrated, pos_decay=2.0)
+    assert torch.isfinite(loss) and st["n"] == int((batch[2] != -100).sum()) and 0 < st["n1"] <= 8
+    loss.backward()
+    calib_grad = any(p.grad is not None and p.grad.abs().sum() > 0 for p in drafter.calibrator.parameters())
+    assert calib_grad == calibrated, "the calibrator learns only from calibrated logits"
+    assert drafter.mask_embedding.grad is not None and drafter.mask_embedding.grad.abs().sum() > 0
+    assert all(p.grad is None for p in target.hf.parameters()), "the target stays frozen"
+
+
+def test_frequent_tokens_and_the_draft_vocabulary_index():
+    from flexdraft_vllm.training.train import draft_vocab_index, frequent_tokens
+
+    items = [{"ids": torch.tensor([9, 9, 5, 5, 5, 7, 7, 3]), "prompt_len": 2},  # prompt tokens 9, 9 do not count
+             {"ids": torch.tensor([1, 7, 7, 9]), "prompt_len": 1}]
+    assert frequent_tokens(items, 3, 12).tolist() == [7, 5, 3]  # 7 x4, 5 x3, then 3 and 9 tie x1: lower id
+    target, drafter = _tiny_with_vocab(4)
+    drafter.set_draft_vocab(torch.tensor([50, 3, 20, 7]))
+    assert drafter.draft_vocab.tolist() == [3, 7, 20, 50]
+    tgt = torch.tensor([[3, 50, -100], [8, 20, 7]])
+    assert draft_vocab_index(drafter, tgt).tolist() == [[0, 3, -1], [-1, 2, 1]]
+
+
+def _tiny_with_vocab(k):
+    import dataclasses
+
+    from flexdraft_vllm.reference.drafter import FlexDraftDrafter
+
+    target, d = _tiny()
+    return target, FlexDraftDrafter(dataclasses.replace(d.config, draft_vocab_size=k), target)
+
+
+def test_step_loss_with_a_draft_vocabulary_counts_undraftable_targets_as_misses():
+    from flexdraft_vllm.training.train import collate, step_loss
+
+    target, drafter = _tiny_with_vocab(8)
+    drafter.set_draft_vocab(torch.arange(8) * 3)
+    items = _items(target, drafter, [12, 15])
+    batch = collate(block_batch(items, random.Random(2), TrainConfig(block_size=4, seqs_per_step=2, blocks_per_seq=6)))
+    loss, st = step_loss(target, drafter, batch, True, pos_decay=0.0)
+    tgt = batch[2]
+    in_vocab = ((tgt >= 0) & (tgt % 3 == 0) & (tgt < 24)).sum()
+    assert st["n"] == int(in_vocab) and torch.isfinite(loss)
+    first = tgt[..., 0]
+    assert st["n1"] == int((first != -100).sum()) and st["correct1"] <= int(((first % 3 == 0) & (first < 24)).sum())
