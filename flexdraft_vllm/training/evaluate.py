@@ -351,8 +351,16 @@ def main(argv: list[str] | None = None) -> None:
         runner, Path(args.out), meta, _csv(args.prompts), modes, mvs, args.n, args.batch_size,
         fresh=args.fresh, progress=lambda it, desc: tqdm(it, desc=desc, leave=False),
     )
-    print(markdown_tables(results))
-    print(f"\nresults: {args.out}")
+    tables = markdown_tables(results)
+    print(tables)
+    import shlex
+    import sys
+
+    md = Path(args.out).with_suffix(".md")
+    cmd = "python -m flexdraft_vllm.training.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    md.write_text(f"# Drafter evaluation: {drafter_dir} (reference loops, greedy)\n\nCommand: `{cmd}`\n\n"
+                  f"Drafter: {meta['drafter_config']}\n\n{tables}\n")
+    print(f"\nresults: {args.out} (tables: {md})")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ def test_paged_draft_pass_matches_reference(fd_llm, record_file, target_dir, pro
             logits = drafter.draft_logits(target, h[0, 1 : 1 + k], torch.full((k,), prefix[-1]))
         p = logits.float().softmax(-1)
         conf, ids = p.max(-1)
+        ids = drafter.token_ids(ids)  # draft-vocabulary index -> token id
         torch.testing.assert_close(torch.tensor(rec["conf"]), conf, atol=2e-4, rtol=1e-3)
         top2 = p.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # argmax is only comparable where it is not a near-tie

@@ -258,7 +258,13 @@ def test_bundled_drafter_fits_the_target(drafter, target):
     size_mb = (BUNDLED_DRAFTER / WEIGHTS_FILE).stat().st_size / 2**20
     assert size_mb < 40, f"bundled drafter is {size_mb:.1f} MB"
     with safe_open(str(BUNDLED_DRAFTER / WEIGHTS_FILE), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} <= {torch.float16, torch.bfloat16}
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    # weights in half precision; only the draft vocabulary (token ids) is integer
+    assert {d for k, d in dtypes.items() if k != "draft_vocab"} <= {torch.float16, torch.bfloat16}
+    if cfg.draft_vocab_size:
+        assert dtypes["draft_vocab"] == torch.int64
+        ids = drafter.draft_vocab
+        assert ids.numel() == cfg.draft_vocab_size and bool((ids[1:] > ids[:-1]).all()) and int(ids[-1]) < cfg.vocab_size
 
 
 def test_load_against_another_architecture_with_the_same_shapes(tmp_path, tiny_target):
