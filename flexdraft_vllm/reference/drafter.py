@@ -169,9 +169,9 @@ class FlexDraftDrafter(nn.Module):
         w = target.lm_head_weight
         if self.draft_vocab is None:
             return w
-        key = (w, self.draft_vocab._version)
-        if self._head is None or self._head[0] is not w or self._head[1] != key[1]:
-            self._head = (w, key[1], w.detach().index_select(0, self.draft_vocab.to(w.device)))
+        version = self.draft_vocab._version  # bumped by set_draft_vocab / load_state_dict
+        if self._head is None or self._head[0] is not w or self._head[1] != version:
+            self._head = (w, version, w.detach().index_select(0, self.draft_vocab.to(w.device)))
         return self._head[2]
 
     def draft_logits(
@@ -187,11 +187,16 @@ class FlexDraftDrafter(nn.Module):
         return draft_ids if self.draft_vocab is None else self.draft_vocab[draft_ids]
 
     # ---- checkpoint ----------------------------------------------------------------
+    @staticmethod
+    def cast_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Floating-point tensors to `dtype`; integer ones (the draft vocabulary's
+        token ids) keep theirs: a half-precision id above 2048 would be corrupt."""
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
     def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-              for k, v in self.state_dict().items()}
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.cast_weights(self.state_dict(), dtype).items()}
         save_file(sd, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         cfg = {"architectures": ["FlexDraftDrafter"], CONFIG_KEY: self.config.weights_dict()}
         (path / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -221,7 +226,7 @@ class FlexDraftDrafter(nn.Module):
                 f"config.json and {WEIGHTS_FILE} come from different checkpoints; retrain it"
             )
         missing, unexpected = drafter.load_state_dict(
-            {k: v.to(target.dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=False
+            cls.cast_weights(sd, target.dtype), strict=False
         )
         if missing or unexpected:
             raise FlexDraftConfigError(

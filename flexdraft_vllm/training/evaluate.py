@@ -39,6 +39,8 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,9 +355,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     tables = markdown_tables(results)
     print(tables)
-    import shlex
-    import sys
-
     md = Path(args.out).with_suffix(".md")
     cmd = "python -m flexdraft_vllm.training.evaluate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     md.write_text(f"# Drafter evaluation: {drafter_dir} (reference loops, greedy)\n\nCommand: `{cmd}`\n\n"

@@ -82,8 +82,6 @@ class TrainConfig:
             raise SystemExit(f"unknown training option(s) {sorted(bad)}; allowed: {sorted(names)}")
         if d.get("precision", "fp32") not in ("fp32", "bf16"):
             raise SystemExit(f"precision must be 'fp32' or 'bf16', got {d['precision']!r}")
-        if isinstance(d.get("joint"), str):  # from the command line
-            d["joint"] = d["joint"].lower() in ("1", "true", "yes")
         return cls(**d)
 
 
@@ -305,7 +303,7 @@ def train(cfg: TrainConfig) -> Path:
         print(f"[train] resuming {resume['stage']} at step {resume['step']}", flush=True)
     elif cfg.init_from:
         start = FlexDraftDrafter.load(cfg.init_from, target)
-        drafter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in start.state_dict().items()})
+        drafter.load_state_dict(drafter.cast_weights(start.state_dict(), torch.float32))
         print(f"[train] starting from the drafter in {cfg.init_from}", flush=True)
     else:
         with torch.no_grad():
@@ -327,12 +325,20 @@ def train(cfg: TrainConfig) -> Path:
     return Path(cfg.out)
 
 
+def _flag(text: str) -> bool:
+    """--joint true/false (argparse's type=bool would read "false" as True)."""
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="JSON file with TrainConfig fields")
     for f in fields(TrainConfig):
         if f.name != "target":
-            ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default) if f.default is not None else str)
+            kind = type(f.default) if f.default is not None else str
+            ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag if kind is bool else kind)
     ap.add_argument("--target", dest="target")
     args = vars(ap.parse_args(argv))
     path = args.pop("config")

@@ -102,8 +102,7 @@ class FlexDraftProposer:
         self.view = VllmTargetView(target_model)
         drafter = FlexDraftDrafter(self.config, self.view)
         sd = load_file(str(self.drafter_path / WEIGHTS_FILE))
-        missing, unexpected = drafter.load_state_dict(
-            {k: v.to(self.view.dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+        missing, unexpected = drafter.load_state_dict(drafter.cast_weights(sd, self.view.dtype), strict=False)
         if missing or unexpected:
             raise FlexDraftConfigError(
                 f"drafter checkpoint {self.drafter_path} does not fit this target "

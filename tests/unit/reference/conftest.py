@@ -2,7 +2,8 @@
 
 * `target` / `drafter` / `tokenizer`: the project's real SmolLM2 target and the
   bundled drafter (flexdraft_vllm/drafters/smollm2-135m), loaded once.
-* `tiny_target`: a random tiny Llama (fast; for shape / checkpoint tests).
+* `tiny_target`: a random tiny Llama (fast; for shape / checkpoint tests;
+  built by tests/unit/tiny_models.py, shared with the training tests).
 
 The reference code is small-batch, Python-heavy torch: on a shared 2-core box a
 second intra-op thread only adds synchronisation stalls (about 10x slower when
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny_target
 
 BUNDLED_DRAFTER = Path(__file__).resolve().parents[3] / "flexdraft_vllm" / "drafters" / "smollm2-135m"
 
@@ -50,27 +52,6 @@ def tokenizer(target_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(target_dir))
-
-
-def tiny_llama_config(**kw):
-    from transformers import LlamaConfig
-
-    base = dict(
-        vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, architectures=["LlamaForCausalLM"],
-    )
-    base.update(kw)
-    return LlamaConfig(**base)
-
-
-def make_tiny_target(seed: int = 0, **kw):
-    from transformers import LlamaForCausalLM
-
-    from flexdraft_vllm.reference.target import TargetAdapter
-
-    torch.manual_seed(seed)
-    return TargetAdapter(LlamaForCausalLM(tiny_llama_config(**kw)).float())
 
 
 @pytest.fixture

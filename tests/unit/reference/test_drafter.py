@@ -20,21 +20,11 @@ from flexdraft_vllm.reference.drafter import (
 )
 
 from conftest import BUNDLED_DRAFTER
-
-
-def _tiny_drafter(target, *, split=2, block=4, calibrator="tied", fingerprint="feedfacefeedface", seed=1):
-    cfg = FlexDraftConfig.for_target(target.cfg, split_layer=split, block_size=block, target_model_id="tiny/llama",
-                                     target_fingerprint=fingerprint, calibrator=calibrator, calib_rank=16)
-    d = FlexDraftDrafter(cfg, target)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # move every weight away from its init, so a lost tensor shows
-        for p in d.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return d
+from tiny_models import tiny_drafter
 
 
 def _saved(tmp_path, target, **kw):
-    d = _tiny_drafter(target, **kw)
+    d = tiny_drafter(target, **kw)
     path = tmp_path / "drafter"
     d.save(path, dtype=torch.float32)
     return d, path
@@ -55,7 +45,7 @@ def test_mask_projector_is_a_trainable_independent_copy(tiny_target):
 
 
 def test_drafter_layout(tiny_target):
-    d = _tiny_drafter(tiny_target, split=1, block=5)
+    d = tiny_drafter(tiny_target, split=1, block=5)
     assert len(d.mask_attn) == 3  # deep layers 1..3 of 4
     assert d.mask_embedding.shape == (48,)
     names = set(d.state_dict())
@@ -124,7 +114,7 @@ def test_save_load_round_trip_float32(tmp_path, tiny_target):
 
 
 def test_default_save_is_half_precision(tmp_path, tiny_target):
-    d = _tiny_drafter(tiny_target)
+    d = tiny_drafter(tiny_target)
     d.save(tmp_path / "fp16")
     with safe_open(str(tmp_path / "fp16" / WEIGHTS_FILE), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
@@ -239,7 +229,7 @@ def test_round_trip_for_qwen_targets(tmp_path, arch):
                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                            max_position_embeddings=128, architectures=[f"{arch}ForCausalLM"])).float()
     t = TargetAdapter(hf)
-    d = _tiny_drafter(t, split=1, block=3)
+    d = tiny_drafter(t, split=1, block=3)
     keys = set(d.state_dict())
     if arch == "Qwen3":
         assert "mask_attn.0.q_norm.weight" in keys and "mask_attn.1.k_norm.weight" in keys
@@ -293,7 +283,7 @@ def test_draft_vocabulary_round_trip_and_sliced_head(tmp_path, tiny_target):
     full-vocabulary logits restricted to the draft vocabulary."""
     import dataclasses
 
-    base = _tiny_drafter(tiny_target)
+    base = tiny_drafter(tiny_target)
     d = FlexDraftDrafter(dataclasses.replace(base.config, draft_vocab_size=5), tiny_target)
     d.load_state_dict({**base.state_dict(), "draft_vocab": d.draft_vocab}, strict=False)
     d.set_draft_vocab(torch.tensor([95, 2, 40, 7, 61]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flexdraft_vllm.training.train import TrainConfig, block_batch, position_weights
+from tiny_models import make_tiny_target, tiny_drafter
 
 
 def test_position_weights_decay_from_slot_one():
@@ -39,25 +40,9 @@ def test_config_rejects_unknown_options(tmp_path):
 
 
 # ---- the batched training forward ----------------------------------------------------
-def _tiny(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from flexdraft_vllm.config import FlexDraftConfig
-    from flexdraft_vllm.reference.drafter import FlexDraftDrafter
-    from flexdraft_vllm.reference.target import TargetAdapter
-
-    torch.manual_seed(seed)
-    target = TargetAdapter(LlamaForCausalLM(LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"])).float())
-    cfg = FlexDraftConfig.for_target(target.cfg, split_layer=2, block_size=4, target_model_id="tiny/llama",
-                                     target_fingerprint="feedfacefeedface", calibrator="tied", calib_rank=16)
-    drafter = FlexDraftDrafter(cfg, target)
-    with torch.no_grad():
-        for p in drafter.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return target, drafter
+def _tiny(seed=0, draft_vocab_size=0):
+    target = make_tiny_target(seed)
+    return target, tiny_drafter(target, draft_vocab_size=draft_vocab_size)
 
 
 def _items(target, drafter, lengths):
@@ -114,26 +99,17 @@ def test_frequent_tokens_and_the_draft_vocabulary_index():
     items = [{"ids": torch.tensor([9, 9, 5, 5, 5, 7, 7, 3]), "prompt_len": 2},  # prompt tokens 9, 9 do not count
              {"ids": torch.tensor([1, 7, 7, 9]), "prompt_len": 1}]
     assert frequent_tokens(items, 3, 12).tolist() == [7, 5, 3]  # 7 x4, 5 x3, then 3 and 9 tie x1: lower id
-    target, drafter = _tiny_with_vocab(4)
+    target, drafter = _tiny(draft_vocab_size=4)
     drafter.set_draft_vocab(torch.tensor([50, 3, 20, 7]))
     assert drafter.draft_vocab.tolist() == [3, 7, 20, 50]
     tgt = torch.tensor([[3, 50, -100], [8, 20, 7]])
     assert draft_vocab_index(drafter, tgt).tolist() == [[0, 3, -1], [-1, 2, 1]]
 
 
-def _tiny_with_vocab(k):
-    import dataclasses
-
-    from flexdraft_vllm.reference.drafter import FlexDraftDrafter
-
-    target, d = _tiny()
-    return target, FlexDraftDrafter(dataclasses.replace(d.config, draft_vocab_size=k), target)
-
-
 def test_step_loss_with_a_draft_vocabulary_counts_undraftable_targets_as_misses():
     from flexdraft_vllm.training.train import collate, step_loss
 
-    target, drafter = _tiny_with_vocab(8)
+    target, drafter = _tiny(draft_vocab_size=8)
     drafter.set_draft_vocab(torch.arange(8) * 3)
     items = _items(target, drafter, [12, 15])
     batch = collate(block_batch(items, random.Random(2), TrainConfig(block_size=4, seqs_per_step=2, blocks_per_seq=6)))
@@ -143,3 +119,14 @@ def test_step_loss_with_a_draft_vocabulary_counts_undraftable_targets_as_misses(
     assert st["n"] == int(in_vocab) and torch.isfinite(loss)
     first = tgt[..., 0]
     assert st["n1"] == int((first != -100).sum()) and st["correct1"] <= int(((first % 3 == 0) & (first < 24)).sum())
+
+
+def test_boolean_options_parse_false_as_false():
+    """`--joint false` must turn joint off (argparse's type=bool reads any non-empty string as True)."""
+    import argparse
+
+    from flexdraft_vllm.training.train import _flag
+
+    assert _flag("false") is False and _flag("True") is True and _flag("0") is False
+    with pytest.raises(argparse.ArgumentTypeError, match="true or false"):
+        _flag("maybe")
