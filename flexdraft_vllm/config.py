@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 Mode = Literal["flex", "parallel", "sequential", "off"]
 VerifyRule = Literal["cumprod", "min"]
 CalibratorKind = Literal["tied", "full"]
+DraftDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class FlexDraftConfigError(ValueError):
@@ -57,8 +58,14 @@ class FlexDraftConfig:
     min_confidence: float = 0.3  # min rule: keep drafts while every p_i >= this
     max_verify: int | None = None  # cap on drafts verified per step (None: B-1)
     max_parallel_groups: int | None = None  # cap on G in parallel mode (None: n+1)
+    # precision of the mask path (drafter weights and its copy of the deep
+    # layers' norms/MLPs). Drafts are proposals, so this moves speed and
+    # acceptance, never the output. "auto": bfloat16 when the target runs in
+    # float32 on hardware with fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs),
+    # else the target's dtype.
+    draft_dtype: DraftDtype = "auto"
 
-    RUNTIME_FIELDS = ("mode", "verify_rule", "tau", "min_confidence", "max_verify", "max_parallel_groups")
+    RUNTIME_FIELDS = ("mode", "verify_rule", "tau", "min_confidence", "max_verify", "max_parallel_groups", "draft_dtype")
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -95,6 +102,8 @@ class FlexDraftConfig:
             bad(f"max_verify={self.max_verify} must be in [1, block_size-1={self.block_size - 1}]")
         if self.max_parallel_groups is not None and self.max_parallel_groups < 1:
             bad(f"max_parallel_groups={self.max_parallel_groups} must be >= 1")
+        if self.draft_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            bad(f"draft_dtype={self.draft_dtype!r}: use auto, float32, bfloat16 or float16")
         if self.calibrator not in ("tied", "full"):
             bad(f"calibrator={self.calibrator!r}: use tied or full")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:

@@ -113,7 +113,7 @@ class FlexDraftDrafter(nn.Module):
         )
         # [K] ascending token ids; set by training (set_draft_vocab) or loaded with the weights
         self.register_buffer("draft_vocab", torch.arange(K, device=target.device) if K else None)
-        self._head: tuple | None = None  # (lm_head it was sliced from, vocab version, [K, h] slice)
+        self._head: tuple | None = None  # (lm_head it was sliced from, (vocab version, dtype), [K, h] rows)
 
     # ---- the mask path ---------------------------------------------------------
     def mask_layer(
@@ -165,13 +165,16 @@ class FlexDraftDrafter(nn.Module):
         self.draft_vocab.copy_(token_ids.sort().values)
 
     def head_weight(self, target) -> torch.Tensor:  # [K or V, h]
-        """The LM-head rows drafts are scored on (frozen; the slice is cached)."""
+        """The LM-head rows drafts are scored on, in the drafter's dtype (frozen;
+        a slice or cast copy is cached)."""
         w = target.lm_head_weight
-        if self.draft_vocab is None:
+        dtype = self.mask_embedding.dtype
+        if self.draft_vocab is None and w.dtype == dtype:
             return w
-        version = self.draft_vocab._version  # bumped by set_draft_vocab / load_state_dict
-        if self._head is None or self._head[0] is not w or self._head[1] != version:
-            self._head = (w, version, w.detach().index_select(0, self.draft_vocab.to(w.device)))
+        version = None if self.draft_vocab is None else self.draft_vocab._version  # bumped by set_draft_vocab / load
+        if self._head is None or self._head[0] is not w or self._head[1] != (version, dtype):
+            rows = w.detach() if self.draft_vocab is None else w.detach().index_select(0, self.draft_vocab.to(w.device))
+            self._head = (w, (version, dtype), rows.to(dtype))
         return self._head[2]
 
     def draft_logits(

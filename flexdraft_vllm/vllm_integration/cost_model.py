@@ -10,10 +10,12 @@ target's own weights:
   layer_s(R)  one decoder layer's weight work (qkv, o projections, MLP) on R rows
   head_s(R)   the LM head on R rows
   draft_head_s(R)  the draft head on R rows (the LM head, or its draft-vocabulary slice)
+  mask_layer_s(R)  one deep layer's weight work for R mask rows (their projectors and
+                   the shared MLP, in the draft dtype; default: layer_s)
 
 A step's weight work is then L*layer_s(rows) + head_s(rows) for the real rows,
-plus (L - split)*layer_s(mask rows) for mask rows (their projectors have the
-target's shapes) and draft_head_s for the draft logits. Per-step overheads that are
+plus (L - split)*mask_layer_s(mask rows) for mask rows and draft_head_s for
+the draft logits. Per-step overheads that are
 not weight work (scheduler, attention, Python) are not in the model; the
 policy learns them online (policy.py). Between measured row counts the model
 interpolates linearly; beyond the largest it extrapolates with the last slope
@@ -40,11 +42,13 @@ class CostModel:
     num_deep: int  # layers a mask row runs through
     block_size: int  # B mask rows per block
     draft_head_s: tuple[float, ...] | None = None  # seconds of the draft head (None: same as head_s)
+    mask_layer_s: tuple[float, ...] | None = None  # seconds of a deep layer for mask rows (None: layer_s)
 
     def __post_init__(self):
         assert len(self.rows) >= 2 and list(self.rows) == sorted(self.rows) and self.rows[0] >= 1
         assert len(self.layer_s) == len(self.head_s) == len(self.rows)
         assert self.draft_head_s is None or len(self.draft_head_s) == len(self.rows)
+        assert self.mask_layer_s is None or len(self.mask_layer_s) == len(self.rows)
 
     def _at(self, ys: tuple[float, ...], r: float) -> float:
         if r <= 0:
@@ -73,7 +77,8 @@ class CostModel:
             return t
         masks = batch * self.block_size * (groups if arm == "parallel" else 1.0)
         draft_head = self.head_s if self.draft_head_s is None else self.draft_head_s
-        return t + self.num_deep * self._at(self.layer_s, masks) + self._at(draft_head, batch * (self.block_size - 1))
+        mask_layer = self.layer_s if self.mask_layer_s is None else self.mask_layer_s
+        return t + self.num_deep * self._at(mask_layer, masks) + self._at(draft_head, batch * (self.block_size - 1))
 
 
 def _time(fn: Callable[[], object], min_s: float = 0.01, max_reps: int = 20) -> float:
@@ -91,29 +96,22 @@ def _time(fn: Callable[[], object], min_s: float = 0.01, max_reps: int = 20) -> 
 def measure(layer_work: Callable[[torch.Tensor], object], head_work: Callable[[torch.Tensor], object],
             hidden_size: int, *, num_layers: int, num_deep: int, block_size: int,
             device: torch.device, dtype: torch.dtype, rows: tuple[int, ...] = ROWS,
-            draft_head_work: Callable[[torch.Tensor], object] | None = None) -> CostModel:
-    """Time layer_work / head_work / draft_head_work (callables over an [R, hidden]
-    tensor; no draft_head_work: the draft head is head_work) at each R in rows."""
+            draft_head_work: Callable[[torch.Tensor], object] | None = None,
+            mask_layer_work: Callable[[torch.Tensor], object] | None = None) -> CostModel:
+    """Time layer_work / head_work / draft_head_work / mask_layer_work (callables
+    over an [R, hidden] tensor; the optional ones default to head_work and
+    layer_work) at each R in rows."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    layer_s, head_s, draft_head_s = [], [], []
+    works = {"layer": layer_work, "head": head_work, "draft_head": draft_head_work, "mask_layer": mask_layer_work}
+    times: dict[str, list[float]] = {k: [] for k, w in works.items() if w is not None}
     for r in rows:
         x = torch.randn(r, hidden_size, device=device, dtype=dtype) * 0.1
+        for name in times:
+            def run(x=x, work=works[name]):
+                work(x)
+                sync()
 
-        def run_layer(x=x):
-            layer_work(x)
-            sync()
-
-        def run_head(x=x):
-            head_work(x)
-            sync()
-
-        def run_draft_head(x=x):
-            draft_head_work(x)
-            sync()
-
-        layer_s.append(_time(run_layer))
-        head_s.append(_time(run_head))
-        if draft_head_work is not None:
-            draft_head_s.append(_time(run_draft_head))
-    return CostModel(tuple(rows), tuple(layer_s), tuple(head_s), num_layers, num_deep, block_size,
-                     tuple(draft_head_s) if draft_head_work is not None else None)
+            times[name].append(_time(run))
+    opt = lambda k: tuple(times[k]) if k in times else None  # noqa: E731
+    return CostModel(tuple(rows), tuple(times["layer"]), tuple(times["head"]), num_layers, num_deep, block_size,
+                     opt("draft_head"), opt("mask_layer"))

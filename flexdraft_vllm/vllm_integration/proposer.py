@@ -38,10 +38,10 @@ import numpy as np
 import torch
 
 from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
-from flexdraft_vllm.reference.attention import batched_block_attention
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
 from flexdraft_vllm.vllm_integration import cost_model, paged_kv
+from flexdraft_vllm.vllm_integration.draft_view import DraftPrecisionView, resolve_draft_dtype
 from flexdraft_vllm.vllm_integration.options import check_vllm_config, runs_eagerly
 from flexdraft_vllm.vllm_integration.parallel import MaskStream, pick_groups, plan_groups
 from flexdraft_vllm.vllm_integration.policy import FlexPolicy
@@ -88,7 +88,8 @@ class FlexDraftProposer:
         self.record_limit = int(limit) if self.record_file else 0
         self.num_records = 0
         self.drafter: FlexDraftDrafter | None = None
-        self.view = None
+        self.view = None  # the target as vLLM built it (real rows, KV cache, hooks)
+        self.mask_view = None  # what the mask path reads: the view, or its copy in draft_dtype
         self.draft_seconds = 0.0
         self._log_at = time.monotonic() + 30.0
 
@@ -108,13 +109,17 @@ class FlexDraftProposer:
                 f"drafter checkpoint {self.drafter_path} does not fit this target "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}): retrain it for this model"
             )
-        self.drafter = drafter.to(device=self.view.device, dtype=self.view.dtype).eval()
+        dtype = resolve_draft_dtype(self.config, self.view.dtype, self.view.device)
+        self.drafter = drafter.to(device=self.view.device, dtype=dtype).eval()
+        self.mask_view = (self.view if dtype == self.view.dtype
+                          else DraftPrecisionView(self.view, self.config.deep_layers, dtype))
         if self.parallel_ok:
             for l in self.config.deep_layers:  # hooks on this engine's module instances
                 self.view.layers[l].register_forward_hook(self._hook_for(l))
         self.policy = self._make_policy()
-        logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s)",
-                    self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode)
+        logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s, drafts in %s)",
+                    self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode,
+                    str(dtype).removeprefix("torch."))
 
     def _make_policy(self) -> FlexPolicy:
         cost = None
@@ -128,13 +133,22 @@ class FlexDraftProposer:
                 layer.mlp(x)
 
             head_w = self.view.lm_head_weight
-            draft_w = self.drafter.head_weight(self.view)  # its draft-vocabulary slice, or all of it
+            draft_w = self.drafter.head_weight(self.mask_view)  # its draft-vocabulary slice, or all of it
+            mv, proj, dtype = self.mask_view, self.drafter.mask_attn[0], self.drafter.mask_embedding.dtype
+            mask_layer = mv.layers[self.config.split_layer]
+
+            def mask_layer_work(x):  # a mask row's weight work: its projectors, the shared MLP
+                x = x.to(dtype)
+                proj.k_proj(x), proj.v_proj(x), proj.o_proj(proj.q_proj(x))
+                mv.mlp_block(mask_layer, x)
+
             t0 = time.perf_counter()
             cost = cost_model.measure(layer_work, lambda x: torch.nn.functional.linear(x, head_w),
                                       self.view.cfg.hidden_size, num_layers=self.view.num_layers,
                                       num_deep=len(self.config.deep_layers), block_size=self.config.block_size,
                                       device=self.view.device, dtype=self.view.dtype,
-                                      draft_head_work=lambda x: torch.nn.functional.linear(x, draft_w))
+                                      draft_head_work=lambda x: torch.nn.functional.linear(x.to(dtype), draft_w),
+                                      mask_layer_work=mask_layer_work)
             logger.info("FlexDraft cost model measured in %.1f s: rows %s -> forward %s ms",
                         time.perf_counter() - t0, list(cost.rows),
                         [round(cost.forward_s(r) * 1e3, 2) for r in cost.rows])
@@ -171,10 +185,10 @@ class FlexDraftProposer:
             if st is None:
                 return None
             # the real rows of this layer have written their K/V: candidates 0..g are visible to group g
-            st.h = self.drafter.mask_layer(self.view, layer_idx, st.h, st.positions,
+            st.h = self.drafter.mask_layer(self.mask_view, layer_idx, st.h, st.positions,
                                            self._attend(layer_idx, st.block_table, st.rows, st.ctx))
             if layer_idx == last:
-                st.normed = self.view.final_hidden(st.h)
+                st.normed = self.mask_view.final_hidden(st.h)
                 self._stream, self._building = st, None
                 self.parallel_blocks += st.plan.num_blocks
             return None
@@ -236,12 +250,12 @@ class FlexDraftProposer:
         if seq_rows:
             idx = torch.tensor(seq_rows, device=self.view.device)
             ctx = torch.tensor([int(ntok[i]) - 1 for i in seq_rows], device=self.view.device)
-            normed = self.drafter.draft_hidden(self.view, ctx, lambda l: self._attend(l, block_table, idx, ctx[:, None]))
+            normed = self.drafter.draft_hidden(self.mask_view, ctx, lambda l: self._attend(l, block_table, idx, ctx[:, None]))
             parts.append(normed[:, 1 : 1 + K])
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
             bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
-            logits = self.drafter.draft_logits(self.view, torch.cat(parts), bonus[:, None].expand(-1, K))
+            logits = self.drafter.draft_logits(self.mask_view, torch.cat(parts), bonus[:, None].expand(-1, K))
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
                                    self.config.min_confidence, max_len=min(self.max_drafts, dec.max_drafts))
@@ -281,13 +295,15 @@ class FlexDraftProposer:
             if kv_cache.is_cuda:
                 from flexdraft_kernels.mask_attention import mask_attention_for_blocks
 
-                # the kernel reads each block's pages in place: no per-group copies
-                return mask_attention_for_blocks(q, k, v, kv_cache, block_table, rows.repeat_interleave(G),
-                                                 ctx.reshape(-1), scale, max_ctx_len=max_ctx)
+                # the kernel reads each block's pages in place: no per-group copies; it
+                # computes in the cache's dtype (draft_dtype may differ from it)
+                c = kv_cache.dtype
+                return mask_attention_for_blocks(q.to(c), k.to(c), v.to(c), kv_cache, block_table, rows.repeat_interleave(G),
+                                                 ctx.reshape(-1), scale, max_ctx_len=max_ctx).to(q.dtype)
             if kv_cache.dim() == 4:  # CPU_ATTN layout: one gather per request, shared by its groups
                 kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[rows], max_ctx, self._cpu_perms(kv_cache))
                 grouped = lambda t: t.view(N, G, *t.shape[1:])  # noqa: E731
-                return batched_block_attention(grouped(q), grouped(k), grouped(v), kc, vc, ctx, scale).flatten(0, 1)
+                return paged_kv.cpu_block_attention(grouped(q), grouped(k), grouped(v), kc, vc, ctx, scale).flatten(0, 1)
             raise NotImplementedError(
                 f"FlexDraft cannot read this CPU KV-cache layout {tuple(kv_cache.shape)}; supported: CPU_ATTN "
                 f"[num_blocks, Hkv, block_size, 2*D] (unquantized)")
@@ -301,7 +317,8 @@ class FlexDraftProposer:
 
             bs, d = kv_cache.shape[2], kv_cache.shape[3] // 2
             isa = _get_attn_isa(kv_cache.dtype, bs, d, self.vllm_config.cache_config.cache_dtype)
-            self._perms = paged_kv.cpu_block_permutations(isa, bs, d, kv_cache.dtype)
+            perms = paged_kv.cpu_block_permutations(isa, bs, d, kv_cache.dtype)
+            self._perms = tuple(paged_kv.packing_kind(p, bs, d) for p in perms)  # views instead of gathers
         return self._perms
 
     def _maybe_log(self) -> None:

@@ -58,13 +58,17 @@ class VllmTargetView:
         if proj.q_norm is not None:
             q = proj.q_norm(q.view(n, self.num_heads, self.head_dim)).reshape(n, -1)
             k = proj.k_norm(k.view(n, self.num_kv_heads, self.head_dim)).reshape(n, -1)
+        q, k = self.apply_rope(positions, q, k)
+        return (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
+                v.view(n, self.num_kv_heads, self.head_dim))
+
+    def apply_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """vLLM's RoPE on flat q [n, Hq*D], k [n, Hkv*D] (in the cos/sin cache's dtype)."""
         rope = self.layers[0].self_attn.rotary_emb  # same RoPE module in every layer
         # Masks near max_model_len may sit past RoPE's table; those slots never
         # become drafts (no room), so clamping only keeps the lookup in range.
         positions = positions.clamp(max=rope.cos_sin_cache.shape[0] - 1)
-        q, k = rope(positions, q.contiguous(), k.contiguous())
-        return (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
-                v.view(n, self.num_kv_heads, self.head_dim))
+        return rope(positions, q.contiguous(), k.contiguous())
 
     def mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])

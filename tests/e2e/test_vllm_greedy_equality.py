@@ -51,7 +51,10 @@ def plain_outputs(target_dir, prompts):
 def test_greedy_identical_to_plain_vllm(target_dir, prompts, plain_outputs, mode):
     from vllm import SamplingParams
 
-    llm = make_llm(target_dir, flexdraft={"mode": mode}, max_num_seqs=32)
+    # parallel computes its drafts in bfloat16 whatever the CPU (auto picks it only
+    # where bf16 matmuls are fast): greedy output must not depend on draft precision
+    extra = {"draft_dtype": "bfloat16"} if mode == "parallel" else {}
+    llm = make_llm(target_dir, flexdraft={"mode": mode, **extra}, max_num_seqs=32)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     try:
         for b, n in PLAN:
@@ -78,7 +81,9 @@ def fd_llm(target_dir, record_file):
     # its next drafts from group 0 or 1 computed inside the verify forward, one
     # that accepted more from the sequential draft pass, so both paths run;
     # every step drafts, so stops land inside accepted blocks
-    llm = make_llm(target_dir, flexdraft={"mode": "parallel", "max_parallel_groups": 2}, max_num_seqs=8)
+    # float32 drafts: compared with the float32 reference drafter below
+    llm = make_llm(target_dir, flexdraft={"mode": "parallel", "max_parallel_groups": 2, "draft_dtype": "float32"},
+                   max_num_seqs=8)
     os.environ.pop("FLEXDRAFT_RECORD_DRAFTS")
     yield llm
     shutdown(llm)

@@ -64,6 +64,7 @@ def test_valid_defaults():
         ({"max_verify": 8}, "max_verify=8 must be in [1, block_size-1=7]"),
         ({"max_parallel_groups": 0}, "max_parallel_groups=0 must be >= 1"),
         ({"calibrator": "mlp"}, "calibrator='mlp': use tied or full"),
+        ({"draft_dtype": "fp8"}, "draft_dtype='fp8': use auto, float32, bfloat16 or float16"),
     ],
 )
 def test_invalid_values_are_clear_errors(kw, needle):
@@ -74,7 +75,8 @@ def test_invalid_values_are_clear_errors(kw, needle):
 
 
 @pytest.mark.parametrize("kw", [{"max_verify": 1}, {"max_verify": 7}, {"tau": 0.0}, {"tau": 1.0},
-                                {"mode": "off"}, {"verify_rule": "min"}, {"max_parallel_groups": 1}])
+                                {"mode": "off"}, {"verify_rule": "min"}, {"max_parallel_groups": 1},
+                                {"draft_dtype": "bfloat16"}, {"draft_dtype": "float32"}])
 def test_boundary_values_are_valid(kw):
     cfg(**kw)
 

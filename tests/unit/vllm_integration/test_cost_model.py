@@ -30,13 +30,38 @@ def test_drafting_only_adds_work():
 
 
 def test_measure_times_the_given_work():
+    """Each work runs on [R, hidden] inputs at every R (no timing asserted:
+    wall-clock comparisons flake on a loaded CI machine)."""
     w = torch.randn(256, 256)
-    m = measure(lambda x: x @ w, lambda x: x @ w, 256, num_layers=4, num_deep=2, block_size=4,
+    seen = {"layer": set(), "head": set()}
+
+    def work(name):
+        def f(x):
+            seen[name].add(tuple(x.shape))
+            return x @ w
+        return f
+
+    m = measure(work("layer"), work("head"), 256, num_layers=4, num_deep=2, block_size=4,
                 device=torch.device("cpu"), dtype=torch.float32, rows=(1, 64, 2048))
     assert m.rows == (1, 64, 2048) and all(t > 0 for t in m.layer_s + m.head_s)
-    assert m.layer_s[-1] > m.layer_s[0]  # 2048 rows of a matmul cost more than 1
+    assert seen["layer"] == seen["head"] == {(1, 256), (64, 256), (2048, 256)}
 
 
 def test_rejects_unsorted_rows():
     with pytest.raises(AssertionError):
         CostModel(rows=(4, 1), layer_s=(1.0, 1.0), head_s=(1.0, 1.0), num_layers=1, num_deep=1, block_size=2)
+
+
+def test_mask_rows_cost_their_own_measured_layer_work():
+    """draft_dtype makes a mask row's deep layer cheaper than a real row's: the
+    step model must use mask_layer_s for the masks and layer_s for the rest."""
+    cheap = CostModel(rows=MODEL.rows, layer_s=MODEL.layer_s, head_s=MODEL.head_s, num_layers=30, num_deep=10,
+                      block_size=8, mask_layer_s=tuple(t / 4 for t in MODEL.layer_s))
+    masks = 64 * 8
+    saved = 10 * (MODEL._at(MODEL.layer_s, masks) - cheap._at(cheap.mask_layer_s, masks))
+    assert MODEL.step_s("sequential", 64, 3) - cheap.step_s("sequential", 64, 3) == pytest.approx(saved)
+    assert cheap.step_s("off", 64) == MODEL.step_s("off", 64)
+    w = torch.randn(64, 64)
+    m = measure(lambda x: x @ w, lambda x: x @ w, 64, num_layers=2, num_deep=1, block_size=2,
+                device=torch.device("cpu"), dtype=torch.float32, rows=(1, 8), mask_layer_work=lambda x: x @ w)
+    assert m.mask_layer_s is not None and len(m.mask_layer_s) == 2 and m.draft_head_s is None

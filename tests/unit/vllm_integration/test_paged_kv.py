@@ -107,7 +107,49 @@ def test_cpu_isa_packing_is_decoded_through_vllms_own_write_op():
     slots = table[torch.arange(T) // bs] * bs + torch.arange(T) % bs
     ops.cpu_attn_reshape_and_cache(key, val, kc, vc, slots, isa)
     perms = paged_kv.cpu_block_permutations(isa, bs, d, torch.float32)
-    k, v = paged_kv.gather_cpu_layout(kv, table, T, perms)
-    assert torch.equal(k, key) and torch.equal(v, val)
-    kb, vb = paged_kv.gather_batch_cpu_layout(kv, table[None], T, perms)
-    assert torch.equal(kb[0, :T], key) and torch.equal(vb[0, :T], val)
+    kinds = tuple(paged_kv.packing_kind(p, bs, d) for p in perms)  # what the proposer uses
+    for pk in (perms, kinds):
+        k, v = paged_kv.gather_cpu_layout(kv, table, T, pk)
+        assert torch.equal(k, key) and torch.equal(v, val)
+        kb, vb = paged_kv.gather_batch_cpu_layout(kv, table[None], T, pk)
+        assert torch.equal(kb[0, :T], key) and torch.equal(vb[0, :T], val)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_attention_equals_the_reference(dtype):
+    """cpu_block_attention (torch SDPA, GQA without repeats) against
+    batched_block_attention: N requests x G groups, ctx ends mid-page and on
+    page boundaries, NaN in keys no block may see. Queries and block K/V in
+    `dtype`, the cache in float32 (the proposer's bf16 draft pass); bound: the
+    reference's own error when fed the same rounded inputs, i.e. float32 math."""
+    cache = _cpu_cache(d=64)
+    nb, hkv, bs, _ = cache.shape
+    N, G, B, Hq, D = 4, 3, 8, 9, 64
+    torch.manual_seed(2)
+    table = torch.stack([torch.randperm(nb)[:6] for _ in range(N)])
+    ctx = torch.tensor([1, 16, 33, 70])[:, None] + torch.arange(G)[None]
+    q, k, v = (torch.randn(N, G, B, h, D).to(dtype) for h in (Hq, hkv, hkv))
+    kc, vc = paged_kv.gather_batch_cpu_layout(cache, table, int(ctx.max()))
+    kc[0, 3:], vc[0, 3:] = float("nan"), float("nan")  # past request 0's every context
+    got = paged_kv.cpu_block_attention(q, k, v, kc, vc, ctx, D ** -0.5)
+    want = batched_block_attention(q.float(), k.float(), v.float(), kc, vc, ctx, D ** -0.5)
+    assert got.dtype == dtype and not got.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: rounding of the output only
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_named_packings_unpack_as_views_equal_to_the_gather():
+    """packing_kind names the row-major and transposed (vec16 K) packings; both
+    unpack as views, equal to the permutation gather they replace."""
+    bs, d = 16, 8
+    i = torch.arange(bs * d)
+    rows, cols = i.clone(), (i % d) * bs + i // d
+    assert paged_kv.packing_kind(rows, bs, d) == "rows" and paged_kv.packing_kind(cols, bs, d) == "cols"
+    other = torch.randperm(bs * d, generator=torch.Generator().manual_seed(0))
+    assert paged_kv.packing_kind(other, bs, d) is other
+    pages = torch.randn(3, 2, 2 * bs, d)
+    for perm in (rows, cols, other):
+        kind = paged_kv.packing_kind(perm, bs, d)
+        k1, v1 = paged_kv.unpack_cpu_pages(pages, perm, perm)
+        k2, v2 = paged_kv.unpack_cpu_pages(pages, kind, kind)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)

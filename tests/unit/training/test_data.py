@@ -1,0 +1,93 @@
+"""Self-distillation data stages: growth in place and resumption (no engine:
+the target's answers and prompts come from deterministic stand-ins)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flexdraft_vllm.training import data
+
+
+def fake_synth(llm, first, n, seed):
+    # candidate j depends only on (seed, j), like the real one; every 5th is a duplicate
+    return [(j, f"prompt {seed}-{j % 5 if j % 5 == 0 else j}") for j in range(first, first + n)]
+
+
+def answer(part):
+    return [None if "-3" in p else {"prompt_ids": [len(p)], "response_ids": [1, 2, 3, 4], "p": p} for p in part]
+
+
+def test_prompts_grow_to_what_one_run_would_make(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "synthesize_prompts", fake_synth)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    whole = data._extend_prompts(one, 40, None, 7, lambda: None)
+    data._extend_prompts(two, 15, None, 7, lambda: None)
+    grown = data._extend_prompts(two, 40, None, 7, lambda: None)
+    assert grown == whole and len(whole) == 40 and len(set(whole)) == 40
+    assert data._extend_prompts(two, 10, None, 7, lambda: None) == whole  # never shrinks
+
+
+def test_answers_resume_after_the_last_finished_chunk(tmp_path):
+    seq = tmp_path / "sequences.jsonl"
+    prompts = [f"q{i}" for i in range(10)]
+    calls = []
+
+    def counting(part):
+        calls.append(list(part))
+        return answer(part)
+
+    rows = data.answer_prompts(prompts[:6], seq, counting, chunk=4)
+    assert [len(c) for c in calls] == [4, 2] and len(rows) == 6
+    # a crash inside the next chunk left a half-written line behind
+    with open(seq, "a") as f:
+        f.write('{"prompt_ids": [9], "respo')
+    calls.clear()
+    rows = data.answer_prompts(prompts, seq, counting, chunk=4)
+    assert calls == [prompts[6:10]]  # only the new prompts were answered
+    assert [r["p"] for r in rows] == prompts
+    assert [json.loads(l)["p"] for l in seq.read_text().splitlines()] == prompts
+    assert json.loads(seq.with_suffix(".progress").read_text()) == {"prompts": 10, "rows": 10}
+
+
+def test_short_answers_are_dropped_but_counted_as_answered(tmp_path):
+    seq = tmp_path / "sequences.jsonl"
+    prompts = ["a", "b-3", "c"]
+    rows = data.answer_prompts(prompts, seq, answer, chunk=2)
+    assert [r["p"] for r in rows] == ["a", "c"]
+    assert json.loads(seq.with_suffix(".progress").read_text()) == {"prompts": 3, "rows": 2}
+    assert data.answer_prompts(prompts, seq, lambda part: pytest.fail("nothing left to answer")) == rows
+
+
+@pytest.mark.parametrize("old_rows, removed", [(70, True), (64, False)])
+def test_growing_removes_the_partial_kv_shard(tmp_path, old_rows, removed):
+    shards = tmp_path / "kv_s20"
+    shards.mkdir()
+    for start in (0, 32, 64):
+        (shards / f"shard_{start:06d}.pt").write_text("x")
+    data.drop_stale_kv_shard(tmp_path, old_rows, shard_size=32)
+    assert (shards / "shard_000064.pt").exists() != removed
+    assert (shards / "shard_000032.pt").exists() and (shards / "shard_000000.pt").exists()
+
+
+def test_a_finished_run_in_the_old_format_is_taken_as_complete(tmp_path, monkeypatch):
+    """Work dirs from before chunked answering have no .progress: every prompt
+    in prompts.jsonl was answered; growing answers only the new ones."""
+    monkeypatch.setattr(data, "synthesize_prompts", fake_synth)
+    old = [f"old {i}" for i in range(3)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in old))
+    (tmp_path / "sequences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answer(old)))
+    answered = []
+    monkeypatch.setattr(data, "_llm", lambda *a, **k: object())
+
+    class FakeLLM:
+        def chat(self, chats, sp, use_tqdm=False):
+            answered.extend(c[0]["content"] for c in chats)
+            out = lambda: type("O", (), {"token_ids": [1, 2, 3, 4]})  # noqa: E731
+            return [type("R", (), {"prompt_token_ids": [0], "outputs": [out()]}) for _ in chats]
+
+    monkeypatch.setattr(data, "_llm", lambda *a, **k: FakeLLM())
+    data.build_dataset("unused", tmp_path, num_prompts=5, seed=1)
+    assert len(answered) == 2 and not set(answered) & set(old)
+    assert len((tmp_path / "sequences.jsonl").read_text().splitlines()) == 5
