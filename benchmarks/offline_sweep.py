@@ -186,8 +186,10 @@ def _policy_of(worker):  # runs inside the engine's worker process (collective_r
     pol = getattr(d, "policy", None)
     if pol is None:
         return None
+    dr = getattr(d, "drafter", None)
     return {"chosen": dict(pol.chosen), "steps": pol.steps, "summary": pol.summary(),
-            "draft_seconds": getattr(d, "draft_seconds", None)}
+            "draft_seconds": getattr(d, "draft_seconds", None),
+            "draft_dtype": None if dr is None else str(dr.mask_embedding.dtype).removeprefix("torch.")}
 
 
 def _policy(llm) -> dict | None:
