@@ -175,14 +175,16 @@ def cpu_block_attention(
     dtype (float32 here), like the reference.
     """
     N, G, B, Hq, D = q.shape
-    T, Hkv = k_ctx.shape[1], k_ctx.shape[2]
-    c = k_ctx.dtype
-    pos = torch.arange(T, device=q.device)
-    visible = pos[None, None, :] < ctx_lens[:, :, None].to(q.device)  # [N, G, T]
-    # rows past every block's context may hold anything (stale or unwritten pages):
-    # zero them, since a masked weight of 0 times NaN would still poison the output
-    seen = visible.any(1)[:, :, None, None]  # [N, T, 1, 1]
-    k_ctx, v_ctx = torch.where(seen, k_ctx, 0.0), torch.where(seen, v_ctx, 0.0)
+    ctx_lens = ctx_lens.to(q.device)
+    lo, T = int(ctx_lens.min()), int(ctx_lens.max())  # CPU tensors: no device sync
+    k_ctx, v_ctx = k_ctx[:, :T], v_ctx[:, :T]  # the gather pads to whole pages
+    Hkv, c = k_ctx.shape[2], k_ctx.dtype
+    visible = torch.arange(T, device=q.device)[None, None, :] < ctx_lens[:, :, None]  # [N, G, T]
+    if lo < T:
+        # rows past every block's context may hold anything (stale or unwritten pages):
+        # zero them, since a masked weight of 0 times NaN would still poison the output
+        seen = visible.any(1)[:, :, None, None]  # [N, T, 1, 1]
+        k_ctx, v_ctx = torch.where(seen, k_ctx, 0.0), torch.where(seen, v_ctx, 0.0)
 
     def keys(ctx_part, blk):  # -> [N*G, Hkv, T+B, D]
         ctx_part = ctx_part[:, None].expand(N, G, T, Hkv, D)
