@@ -32,8 +32,9 @@ def fast_bf16(device: torch.device) -> bool:
     """Hardware where bfloat16 matmuls beat float32 ones."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if device.type == "cpu":  # private probes (torch >= 2.3); a torch without them: assume not
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(bool(f()) for f in probes if f is not None)
     return False
 
 
@@ -47,6 +48,7 @@ def resolve_draft_dtype(config: FlexDraftConfig, target_dtype: torch.dtype, devi
     return target_dtype
 
 
+@torch.no_grad()
 def linear_weight(mod: nn.Module, in_features: int, dtype: torch.dtype) -> torch.Tensor:  # [out, in]
     """A vLLM linear layer's weight in `dtype`, also when vLLM kept only a packed copy."""
     assert getattr(mod, "bias", None) is None, "the deep MLPs of Llama/Qwen have no bias"
