@@ -44,6 +44,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _progress_file(seq_file: Path) -> Path:
+    """Stage 2's progress marker beside sequences.jsonl (see answer_prompts)."""
+    return seq_file.with_suffix(".progress")
+
+
+def _write_progress(seq_file: Path, prompts: int, rows: int) -> None:
+    mark = _progress_file(seq_file)
+    tmp = mark.with_name(mark.name + ".tmp")  # not "sequences.tmp": _write_jsonl's temp for seq_file
+    tmp.write_text(json.dumps({"prompts": prompts, "rows": rows}))
+    os.replace(tmp, mark)
+
+
 def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     rows = []
     with open(path) as f:
@@ -124,7 +136,7 @@ def answer_prompts(prompts: list[str], seq_file: Path, answer, chunk: int = 256)
     written for them}; a crash inside a chunk leaves extra lines that the next
     run cuts off; without .progress nothing counts as answered.
     """
-    mark = seq_file.with_suffix(".progress")
+    mark = _progress_file(seq_file)
     done = json.loads(mark.read_text()) if mark.exists() else {"prompts": 0, "rows": 0}
     rows = _read_jsonl(seq_file, limit=done["rows"]) if seq_file.exists() else []  # past it: maybe a torn line
     _write_jsonl(seq_file, rows)
@@ -141,9 +153,7 @@ def answer_prompts(prompts: list[str], seq_file: Path, answer, chunk: int = 256)
             f.flush()
             os.fsync(f.fileno())
         rows += new
-        tmp = mark.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"prompts": start + len(part), "rows": len(rows)}))
-        os.replace(tmp, mark)
+        _write_progress(seq_file, start + len(part), len(rows))
         bar.update(len(part))
     bar.close()
     return rows
@@ -175,15 +185,14 @@ def build_dataset(
             llm = _llm(model_dir, 2048)
         return llm
 
-    if seq_file.exists() and not seq_file.with_suffix(".progress").exists():
+    if seq_file.exists() and not _progress_file(seq_file).exists():
         # A finished run from before chunked answering wrote sequences.jsonl
         # once, at the end, for every prompt in prompts.jsonl: record that
         # before prompts.jsonl grows.
         n_prompts = len(_read_jsonl(prompt_file)) if prompt_file.exists() else 0
-        seq_file.with_suffix(".progress").write_text(
-            json.dumps({"prompts": n_prompts, "rows": len(_read_jsonl(seq_file))}))
+        _write_progress(seq_file, n_prompts, len(_read_jsonl(seq_file)))
     prompts = _extend_prompts(prompt_file, num_prompts, prompts_jsonl, seed, get_llm)
-    done = json.loads(seq_file.with_suffix(".progress").read_text()) if seq_file.exists() else None
+    done = json.loads(_progress_file(seq_file).read_text()) if seq_file.exists() else None
     if done and done["prompts"] < len(prompts):
         drop_stale_kv_shard(out, done["rows"])  # before answering: a crash must not leave it
 
