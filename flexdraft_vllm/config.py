@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 Mode = Literal["flex", "parallel", "sequential", "off"]
 VerifyRule = Literal["cumprod", "min"]
 CalibratorKind = Literal["tied", "full"]
+CalibAnchor = Literal["bonus", "chain"]
 DraftDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -45,6 +46,12 @@ class FlexDraftConfig:
     block_size: int  # B masks per block; the first sits in the bonus slot -> B-1 drafts
     calibrator: CalibratorKind = "tied"
     calib_rank: int = 256
+    # which token calibrates draft slot k: "bonus" (the paper): the resolved bonus
+    # for every slot; "chain": slot 1 the bonus, slot k>1 the draft chosen for
+    # slot k-1, so slots are calibrated one after another. A draft only counts
+    # when every earlier one was accepted, and then its anchor IS the true
+    # previous token: what the calibrator was trained on (teacher forcing).
+    calib_anchor: CalibAnchor = "bonus"
     # drafts come from the draft_vocab_size most frequent tokens of the training
     # data (0 = the full vocabulary): the draft head then reads a K-row slice of
     # the LM head instead of all of it, which is most of a draft pass's memory
@@ -106,6 +113,8 @@ class FlexDraftConfig:
             bad(f"draft_dtype={self.draft_dtype!r}: use auto, float32, bfloat16 or float16")
         if self.calibrator not in ("tied", "full"):
             bad(f"calibrator={self.calibrator!r}: use tied or full")
+        if self.calib_anchor not in ("bonus", "chain"):
+            bad(f"calib_anchor={self.calib_anchor!r}: use bonus or chain")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             bad(f"draft_vocab_size={self.draft_vocab_size} must be in [0 (full vocabulary), vocab_size={self.vocab_size}]")
 

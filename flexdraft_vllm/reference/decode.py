@@ -131,20 +131,29 @@ def _propose(
     if rows.shape[0] == 0:
         r.drafts, r.q = [], None
         return
-    bonus = torch.full((rows.shape[0],), r.out[-1], device=rows.device)
-    logits = drafter.draft_logits(target, rows, bonus).float()  # [k, K]: over the draft vocabulary
+    bonus = torch.tensor([r.out[-1]], device=rows.device)
+    if temperature <= 0:
+        logits = drafter.block_logits(target, rows[None], bonus)[0].float()  # [k, K]: over the draft vocabulary
+        picks = logits.argmax(-1)
+    else:
+        # drafts are drawn slot by slot from their own calibrated q_i (exponential-race
+        # sampling); with calib_anchor="chain" each draw anchors the next slot
+        noise = _noise(r, (rows.shape[0], cfg.vocab_size), rows.device)
+        if drafter.draft_vocab is not None:
+            noise = noise[:, drafter.draft_vocab]
+        draw = lambda lg, k: (torch.softmax(lg.float() / temperature, -1) / noise[k]).argmax(-1)  # noqa: E731
+        logits = drafter.block_logits(target, rows[None], bonus, pick=draw)[0].float()
+        picks = torch.stack([draw(lg, k) for k, lg in enumerate(logits)])
     conf = logits.softmax(-1).amax(-1)
     n = int(verify_length(conf[None], cfg.verify_rule, cfg.tau, cfg.min_confidence, cfg.max_verify)[0])
+    r.drafts = drafter.token_ids(picks[:n]).tolist()
     if temperature <= 0:
-        r.drafts, r.q = drafter.token_ids(logits[:n].argmax(-1)).tolist(), None
+        r.q = None
     else:
         q_draft = torch.softmax(logits[:n] / temperature, -1)
         # the draft law over the full vocabulary: zero outside the draft vocabulary
-        q = q_draft if drafter.draft_vocab is None else torch.zeros(
+        r.q = q_draft if drafter.draft_vocab is None else torch.zeros(
             n, cfg.vocab_size, device=q_draft.device).index_copy_(1, drafter.draft_vocab, q_draft)
-        # drafts are sampled sequentially from their own calibrated q_i (independent given the block)
-        r.drafts = (q / _noise(r, tuple(q.shape), q.device)).argmax(-1).tolist()
-        r.q = q
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
   mask_embedding          [h]   hidden state injected for every mask at the split layer
   mask_attn[l - s]        tuned q/k/v/o (+ q/k norms) for mask rows in deep layer l
-  calibrator              bonus-guided MLP on the final-normed mask hidden
+  calibrator              bonus-guided MLP on the final-normed mask hidden (anchors below)
   draft_vocab             [K] token ids drafts are drawn from (only when
                           config.draft_vocab_size = K > 0; else the full vocabulary)
 
@@ -14,6 +14,14 @@ Calibrator ("tied", our default; the paper's head is "full"):
   logits = lm_head(normed + c)                     (= lm_head(normed) + lm_head(c))
 "full":  logits = lm_head(normed) + Linear(r, V)(...). The last layer is zero-
 initialised either way, so an untrained calibrator is the identity.
+
+Anchor (config.calib_anchor; `block_logits`): "bonus", the paper's, calibrates
+every slot with the resolved bonus. "chain" (ours) calibrates slot 1 with the
+bonus and slot k with the draft chosen for slot k-1: the mask hidden of slot k
+only knows the context before the bonus, and the previous token is the piece
+of information it misses most. A slot's draft only matters when all earlier
+drafts were accepted, and then its anchor is the true previous token (how it is
+trained). The price is K small sequential head calls instead of one batched.
 
 With a draft vocabulary, lm_head above is its K-row slice (cached once) and
 draft logits index the draft vocabulary; `token_ids` maps them back. Drafts
@@ -184,6 +192,30 @@ class FlexDraftDrafter(nn.Module):
         bonus_ids: torch.Tensor,  # [...] the resolved bonus each mask is anchored on
     ) -> torch.Tensor:  # [..., K or V] over the draft vocabulary (see token_ids)
         return self.calibrator(normed, target.embed(bonus_ids), self.head_weight(target))
+
+    def block_logits(
+        self,
+        target,
+        normed: torch.Tensor,  # [N, K, hidden] final-normed hidden of draft slots 1..K of N blocks
+        bonus_ids: torch.Tensor,  # [N] the resolved bonus of each block
+        pick: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # [N, K, K_vocab] calibrated logits over the draft vocabulary
+        """Calibrated logits of a block's draft slots, anchored per config.calib_anchor.
+
+        "bonus": every slot on the bonus, one batched call. "chain": slot k is
+        anchored on the draft chosen for slot k-1 (slot 1 on the bonus), so the
+        slots run one after another; `pick(logits [N, K_vocab], k) -> [N]`
+        chooses that draft (default argmax; a sampler passes its own draw and
+        must then propose exactly the picks it made).
+        """
+        if self.config.calib_anchor == "bonus":
+            return self.draft_logits(target, normed, bonus_ids[:, None].expand(normed.shape[:2]))
+        pick = pick or (lambda lg, k: lg.argmax(-1))
+        anchor, out = bonus_ids, []
+        for k in range(normed.shape[1]):
+            out.append(self.draft_logits(target, normed[:, k], anchor))
+            anchor = self.token_ids(pick(out[-1], k))
+        return torch.stack(out, 1)
 
     def token_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Indices into draft_logits' last dimension -> target token ids."""

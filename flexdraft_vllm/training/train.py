@@ -9,7 +9,9 @@ Stages (each resumable; state in <work_dir>/train_state.pt):
            p) against the target's own token at that position, uncalibrated
            (or, with joint=true, calibrated: the calibration MLP trains with
            them, anchored on the true bonus, which is what decoding scores).
-  calib    calibration MLP only, anchored on the true bonus token x_p.
+  calib    calibration MLP only, anchored on the true bonus token x_p
+           (calib_anchor="chain": slot k on the true token of slot k-1,
+           see calib_anchors).
 Only the drafter is trained; the target is frozen throughout.
 
 A step draws seqs_per_step sequences x blocks_per_seq blocks and runs them as
@@ -52,6 +54,7 @@ class TrainConfig:
     block_size: int = 8
     calibrator: str = "tied"
     calib_rank: int = 256
+    calib_anchor: str = "bonus"  # "bonus" | "chain" (FlexDraftConfig.calib_anchor)
     draft_vocab_size: int = 0  # drafts from the K most frequent response tokens (0 = full vocabulary)
     seed: int = 0
     tune_steps: int = 600
@@ -165,7 +168,7 @@ def step_loss(
     w = position_weights(tgt.shape[1], pos_decay)[None].expand_as(tgt)[valid] * (local >= 0)  # [M]
     rows = h[valid]  # [M, h]: only rows with a target reach the (large) LM head
     if calibrated:
-        anchor = bonus.reshape(-1, 1).expand_as(tgt)[valid]
+        anchor = calib_anchors(drafter.config.calib_anchor, bonus.reshape(-1), tgt)[valid]
         logits = drafter.draft_logits(target, rows, anchor)
     else:
         logits = rows @ drafter.head_weight(target).t()
@@ -174,9 +177,35 @@ def step_loss(
     # accuracy counts every real target: one outside the draft vocabulary is a miss
     hit = logits.detach().argmax(-1) == local  # [M]
     first = torch.nonzero(valid)[:, 1] == 0  # [M] row is draft slot 1 (the one decoding accepts first)
+    lead = leading_hits(valid, hit)
     stats = {"ce_sum": float(ce.detach().sum()), "n": int((local >= 0).sum()), "correct": int(hit.sum()),
-             "correct1": int((hit & first).sum()), "n1": int(first.sum())}
+             "correct1": int((hit & first).sum()), "n1": int(first.sum()),
+             "lead_sum": int(lead.sum()), "blocks": int(lead.numel())}
     return (ce * w).sum() / w.sum().clamp(min=1e-6), stats
+
+
+def leading_hits(
+    valid: torch.Tensor,  # [R, K] bool: draft slot has a target in the sequence
+    hit: torch.Tensor,  # [M] bool: top-1 hit of each valid slot, row-major (M = valid.sum())
+) -> torch.Tensor:  # [blocks] run of leading hits of each block whose K slots are all valid
+    """Teacher-forced accepted drafts: what greedy verification of all K drafts
+    would accept (accepted length = 1 + this, the bonus included)."""
+    grid = torch.zeros_like(valid)
+    grid[valid] = hit
+    return grid[valid.all(1)].int().cumprod(1).sum(1)
+
+
+def calib_anchors(
+    kind: str,
+    bonus: torch.Tensor,  # [M] true bonus of each block
+    tgt: torch.Tensor,  # [M, K] true tokens of draft slots 1..K (-100 past the sequence's end)
+) -> torch.Tensor:  # [M, K] the token each slot's calibration is anchored on
+    """Teacher forcing: "chain" anchors slot k on the TRUE token of slot k-1. In
+    decoding the anchor is the previous draft, which equals it whenever slot k
+    can be accepted at all (every earlier draft accepted)."""
+    if kind == "bonus":
+        return bonus[:, None].expand_as(tgt)
+    return torch.cat([bonus[:, None], tgt[:, :-1].clamp(min=0)], 1)  # a row past the end is never scored
 
 
 def draft_vocab_index(drafter: FlexDraftDrafter, tgt: torch.Tensor) -> torch.Tensor:
@@ -211,11 +240,12 @@ def _save_state(path: Path, drafter, opt, stage: str, step: int, rng: random.Ran
 
 
 @torch.no_grad()
-def heldout_acc1(target, drafter, batch, calibrated: bool, autocast) -> float:
-    """Top-1 accuracy of draft slot 1 on a fixed held-out batch (overfitting check)."""
+def heldout_scores(target, drafter, batch, calibrated: bool, autocast) -> tuple[float, float]:
+    """(top-1 accuracy of draft slot 1, teacher-forced accepted length) on a fixed
+    held-out batch: the overfitting check, and the figure decoding speed follows."""
     with autocast:
         _, st = step_loss(target, drafter, batch, calibrated, 0.0)
-    return st["correct1"] / max(st["n1"], 1)
+    return st["correct1"] / max(st["n1"], 1), 1 + st["lead_sum"] / max(st["blocks"], 1)
 
 
 def run_stage(stage: str, target, drafter, items, cfg: TrainConfig, state_path: Path, resume: dict | None,
@@ -266,8 +296,9 @@ def run_stage(stage: str, target, drafter, items, cfg: TrainConfig, state_path: 
         if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
             _save_state(state_path, drafter, opt, stage, step + 1, rng)
             if val_batch is not None:
+                acc1, mal = heldout_scores(target, drafter, val_batch, calibrated, autocast)
                 bar.write(f"[train] {stage} step {step + 1}: train acc1 {ema1:.3f}, "
-                          f"held-out acc1 {heldout_acc1(target, drafter, val_batch, calibrated, autocast):.3f}")
+                          f"held-out acc1 {acc1:.3f}, teacher-forced accepted length {mal:.2f}")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -287,7 +318,7 @@ def train(cfg: TrainConfig) -> Path:
         target.cfg, split_layer=cfg.split_layer, block_size=cfg.block_size,
         target_model_id=meta.get("model_id", target_dir),
         target_fingerprint=meta.get("weights_sha256_16") or weights_fingerprint(target_dir),
-        calibrator=cfg.calibrator, calib_rank=cfg.calib_rank, draft_vocab_size=cfg.draft_vocab_size,
+        calibrator=cfg.calibrator, calib_rank=cfg.calib_rank, calib_anchor=cfg.calib_anchor, draft_vocab_size=cfg.draft_vocab_size,
     )
     shards = build_kv_shards(target, seq_file, fcfg.deep_layers)
     items = _load_shards(shards)

@@ -10,7 +10,7 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
              layers only, attending to the request's paged KV cache [0, ctx)
              (which now holds exactly the accepted tokens) plus its own block.
              Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
-             with the bonus. This is parallel mode's group `a` computed after
+             with the bonus (calib_anchor="chain": slot k with draft k-1). This is parallel mode's group `a` computed after
              verification instead of speculatively before it.
   parallel   the same blocks computed DURING the verify forward, one group
              per possible outcome (parallel.py); after sampling, the group of
@@ -255,7 +255,7 @@ class FlexDraftProposer:
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
             bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
-            logits = self.drafter.draft_logits(self.mask_view, torch.cat(parts), bonus[:, None].expand(-1, K))
+            logits = self.drafter.block_logits(self.mask_view, torch.cat(parts), bonus)  # [N, K, K_vocab]
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
                                    self.config.min_confidence, max_len=min(self.max_drafts, dec.max_drafts))

@@ -147,7 +147,11 @@ def test_paged_draft_pass_matches_reference(fd_llm, record_file, target_dir, pro
         with torch.no_grad():
             h = drafter.draft_hidden(target, ctx, lambda l: dense_block_attend(*cache.layer_kv(l, target), ctx, target.scale))
             k = len(rec["ids"])
-            logits = drafter.draft_logits(target, h[0, 1 : 1 + k], torch.full((k,), prefix[-1]))
+            # chain anchoring: slot j+1 is calibrated with the draft vLLM chose for slot j
+            # (its own argmax could flip on a near-tie and derail the slots after it)
+            chosen = torch.searchsorted(drafter.draft_vocab, torch.tensor(rec["ids"]))
+            logits = drafter.block_logits(target, h[:, 1 : 1 + k], torch.tensor([prefix[-1]]),
+                                          pick=lambda lg, j: chosen[j : j + 1])[0]
         p = logits.float().softmax(-1)
         conf, ids = p.max(-1)
         ids = drafter.token_ids(ids)  # draft-vocabulary index -> token id

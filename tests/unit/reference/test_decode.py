@@ -237,13 +237,38 @@ def joint_pvalue(samples: list[list[int]], p1, cond: dict, n_min: float = 5.0) -
     return chi2_pvalue(ids, np.array(probs))
 
 
-def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None):
+def exact_law(target, prompt: list[int], temperature: float, n_tokens: int, n: int, n_min: float = 5.0) -> dict:
+    """{(t1..t_n_tokens): P}, exact, for every sequence whose expected count in
+    n samples is >= n_min (prefixes below that are not expanded: no bin needs them)."""
+    law = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            pre = list(law)
+            logits = target.hf(torch.tensor([prompt + list(s) for s in pre])).logits[:, -1].double()
+            probs = torch.softmax(logits / temperature, -1)
+            law = {s + (b,): law[s] * float(probs[i, b]) for i, s in enumerate(pre)
+                   for b in torch.nonzero(law[s] * probs[i] * n >= n_min).squeeze(-1).tolist()}
+    return law
+
+
+def law_pvalue(samples: list[list[int]], law: dict) -> float:
+    """Chi-square of whole-sequence samples against `law`'s bins plus 'other'."""
+    bins = {s: i for i, s in enumerate(law)}
+    probs = list(law.values()) + [max(0.0, 1.0 - sum(law.values()))]
+    assert len(probs) >= 4, f"too few bins ({len(probs)}) for a meaningful test"
+    ids = torch.tensor([bins.get(tuple(s), len(law)) for s in samples])
+    return chi2_pvalue(ids, np.array(probs))
+
+
+def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None, calib_anchor: str = "bonus"):
     """A tiny peaked Llama and a drafter whose q is neither p nor useless
-    (optionally drafting from a subset of the vocabulary)."""
+    (optionally drafting from a subset of the vocabulary; with calib_anchor
+    "chain" the calibrator is randomised too, so anchors move the drafts)."""
     torch.manual_seed(0)
     t = make_tiny(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
-    cfg = FlexDraftConfig.for_target(t.cfg, split_layer=1, block_size=4, draft_vocab_size=len(draft_vocab or []))
+    cfg = FlexDraftConfig.for_target(t.cfg, split_layer=1, block_size=4, draft_vocab_size=len(draft_vocab or []),
+                                     calib_anchor=calib_anchor)
     d = FlexDraftDrafter(cfg, t)
     if draft_vocab:
         d.set_draft_vocab(torch.tensor(draft_vocab))
@@ -252,6 +277,9 @@ def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None):
         d.mask_embedding.copy_(torch.randn(d.mask_embedding.shape, generator=g))
         for p in d.mask_attn.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        if calib_anchor == "chain":
+            for p in d.calibrator.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return t, d.eval()
 
 
@@ -275,6 +303,17 @@ def test_sampling_preserves_target_law_tiny(make_tiny, mode, draft_vocab):
     assert chi2_pvalue(torch.tensor([o[0] for o in out]), p1.numpy()) >= P_MIN
     pv = joint_pvalue(out, p1, cond)
     assert pv >= P_MIN, f"(t1, t2) deviates from the target law (p={pv:.2e})"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_chain_anchored_sampling_preserves_target_law_tiny(make_tiny, mode):
+    """calib_anchor="chain": draft 2 is drawn from a q anchored on draft 1's
+    draw, so the law of three emitted tokens is what must hold."""
+    t, d = make_tiny_spec(make_tiny, TINY_DRAFT_VOCAB, calib_anchor="chain")
+    out, stats = generate_flexdraft(t, d, [TINY_PROMPT] * N_TINY, 3, mode=mode, temperature=TINY_T, seed=2)
+    assert stats.accepted_per_pos[1] >= 20  # draft 2 (the chained one) does get accepted
+    pv = law_pvalue(out, exact_law(t, TINY_PROMPT, TINY_T, 3, N_TINY))
+    assert pv >= P_MIN, f"(t1, t2, t3) deviates from the target law (p={pv:.2e})"
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])

@@ -87,6 +87,40 @@ def test_fresh_drafter_logits_are_the_lm_head(tiny_target):
     torch.testing.assert_close(d.draft_logits(tiny_target, normed, bonus), tiny_target.logits(normed))
 
 
+@pytest.mark.parametrize("anchor", ["bonus", "chain"])
+def test_block_logits_anchors(tiny_target, anchor):
+    cfg = FlexDraftConfig.for_target(tiny_target.cfg, split_layer=2, block_size=4, calib_anchor=anchor)
+    d = FlexDraftDrafter(cfg, tiny_target)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in d.calibrator.parameters():
+            p.copy_(torch.randn(p.shape))
+    normed, bonus = torch.randn(2, 3, 48), torch.tensor([7, 9])
+    got = d.block_logits(tiny_target, normed, bonus)
+    want, prev = [], bonus
+    for k in range(3):
+        want.append(d.draft_logits(tiny_target, normed[:, k], prev if anchor == "chain" else bonus))
+        prev = want[-1].argmax(-1)
+    torch.testing.assert_close(got, torch.stack(want, 1))
+    if anchor == "chain":  # a sampler's own picks become the anchors
+        fixed = lambda lg, k: torch.full((lg.shape[0],), 3 + k)  # noqa: E731
+        got = d.block_logits(tiny_target, normed, bonus, pick=fixed)
+        torch.testing.assert_close(got[:, 2], d.draft_logits(tiny_target, normed[:, 2], torch.tensor([4, 4])))
+        assert not torch.allclose(got[:, 2], want[2])
+
+
+def test_calib_anchor_is_checked_and_saved(tmp_path, tiny_target):
+    with pytest.raises(FlexDraftConfigError, match="calib_anchor='next'.*bonus or chain"):
+        FlexDraftConfig.for_target(tiny_target.cfg, split_layer=2, block_size=4, calib_anchor="next")
+    cfg = FlexDraftConfig.for_target(tiny_target.cfg, split_layer=2, block_size=4, calib_anchor="chain")
+    FlexDraftDrafter(cfg, tiny_target).save(tmp_path / "d")
+    assert FlexDraftDrafter.load(tmp_path / "d", tiny_target).config.calib_anchor == "chain"
+    raw = json.loads((tmp_path / "d" / "config.json").read_text())
+    del raw[CONFIG_KEY]["calib_anchor"]  # a checkpoint from before the option: the paper's anchoring
+    (tmp_path / "d" / "config.json").write_text(json.dumps(raw))
+    assert FlexDraftDrafter.load(tmp_path / "d", tiny_target).config.calib_anchor == "bonus"
+
+
 # ---- checkpoint round trip ------------------------------------------------------------
 def _assert_same_weights(a, b, **tol):
     sa, sb = a.state_dict(), b.state_dict()

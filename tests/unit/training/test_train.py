@@ -93,6 +93,26 @@ def test_step_loss_trains_only_what_the_stage_owns(calibrated):
     assert all(p.grad is None for p in target.hf.parameters()), "the target stays frozen"
 
 
+def test_chain_anchors_are_the_true_previous_tokens():
+    """Teacher forcing: slot 1 on the bonus, slot k on the true token of slot k-1;
+    this is the anchor decoding uses whenever slot k can be accepted."""
+    from flexdraft_vllm.training.train import calib_anchors
+
+    bonus = torch.tensor([5, 6])
+    tgt = torch.tensor([[11, 12, 13], [21, -100, -100]])
+    assert calib_anchors("bonus", bonus, tgt).tolist() == [[5, 5, 5], [6, 6, 6]]
+    got = calib_anchors("chain", bonus, tgt)
+    assert got[0].tolist() == [5, 11, 12] and got[1, :2].tolist() == [6, 21]  # [1, 2] is past the end: unscored
+
+
+def test_leading_hits_count_the_accepted_prefix_of_complete_blocks():
+    from flexdraft_vllm.training.train import leading_hits
+
+    valid = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    hit = torch.tensor([1, 0, 1, 1, 1, 1, 1, 0, 0, 0], dtype=torch.bool)  # row-major over the valid slots
+    assert leading_hits(valid, hit).tolist() == [1, 3, 0]  # the third block ends early: not a full block
+
+
 def test_frequent_tokens_and_the_draft_vocabulary_index():
     from flexdraft_vllm.training.train import draft_vocab_index, frequent_tokens
 
