@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flexdraft_vllm.reference.confidence import verify_length
+from flexdraft_vllm.reference.confidence import draft_confidence, verify_length
 from flexdraft_vllm.reference.sampling import PLACEHOLDER, rejection_sample as rejection_sample_ref
 
 from ._backend import next_pow2, want_triton
@@ -97,8 +97,7 @@ def calibrated_drafts_ref(
     x = draft_logits.float() if bias is None else draft_logits.float() + bias.float()
     x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
     ids = x.argmax(-1)  # first maximum; all -inf -> 0
-    dead = x.amax(-1) == float("-inf")
-    conf = torch.where(dead, torch.zeros((), device=x.device), torch.softmax(x, -1).amax(-1))
+    conf = draft_confidence(x)  # 0 for a row with no finite logit
     n = verify_length(conf, rule, tau, min_conf, max_len)
     k = torch.arange(x.shape[1], device=x.device)
     draft_ids = torch.where(k[None, :] < n[:, None], ids, torch.full_like(ids, PLACEHOLDER))

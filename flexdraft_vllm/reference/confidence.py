@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 
 
+def draft_confidence(
+    logits: torch.Tensor,  # [..., V] calibrated draft logits
+) -> torch.Tensor:  # [...] fp32 max softmax probability; 0 for a row with no finite logit
+    """p_i of one draft. NaN logits count as -inf, so a broken row gets
+    confidence 0 (it is never worth verifying) instead of poisoning the rule."""
+    x = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max,
+                         neginf=float("-inf"))
+    dead = x.amax(-1) == float("-inf")
+    return torch.where(dead, torch.zeros((), device=x.device), torch.softmax(x, -1).amax(-1))
+
+
 def verify_length(
     conf: torch.Tensor,  # [N, K] confidence of each draft (K = drafts available)
     rule: str = "cumprod",
@@ -33,3 +44,29 @@ def verify_length(
     n = torch.cumprod(keep.long(), dim=1).sum(dim=1)
     hi = K if max_len is None else min(K, max_len)
     return n.clamp(1, hi)
+
+
+class VerifyCut:
+    """verify_length, one draft slot at a time: `push(conf_k)` returns True once
+    no row can keep another draft (every row's prefix already broke, or
+    max_len slots are in). Slots after that would be trimmed anyway, so a
+    drafter that stops computing them (chain calibration computes slots one by
+    one) changes no draft and no verify length."""
+
+    def __init__(self, rule: str = "cumprod", tau: float = 0.01, min_conf: float = 0.3, max_len: int | None = None):
+        if rule not in ("cumprod", "min"):
+            raise ValueError(f"unknown verify rule {rule!r}: use cumprod or min")
+        self.rule, self.tau, self.min_conf, self.max_len = rule, tau, min_conf, max_len
+        self.k = 0
+        self.run: torch.Tensor | None = None  # [N] float64 running product (cumprod rule)
+        self.alive: torch.Tensor | None = None  # [N] bool: the row's prefix still holds
+
+    def push(self, conf: torch.Tensor) -> bool:  # conf [N]: confidence of slot k+1
+        self.k += 1
+        if self.rule == "cumprod":
+            self.run = conf.double() if self.run is None else self.run * conf.double()
+            ok = self.run >= self.tau
+        else:
+            ok = conf >= self.min_conf
+        self.alive = ok if self.alive is None else self.alive & ok
+        return (self.max_len is not None and self.k >= self.max_len) or not bool(self.alive.any())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexdraft_vllm.reference.confidence import verify_length
+from flexdraft_vllm.reference.confidence import VerifyCut, draft_confidence, verify_length
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_vllm.reference.forward import RequestCache, draft_pass, step_forward
 from flexdraft_vllm.reference.sampling import PLACEHOLDER, rejection_sample, target_probs
@@ -132,8 +132,9 @@ def _propose(
         r.drafts, r.q = [], None
         return
     bonus = torch.tensor([r.out[-1]], device=rows.device)
+    cut = VerifyCut(cfg.verify_rule, cfg.tau, cfg.min_confidence, cfg.max_verify)  # chain: skip slots never verified
     if temperature <= 0:
-        logits = drafter.block_logits(target, rows[None], bonus)[0].float()  # [k, K]: over the draft vocabulary
+        logits = drafter.block_logits(target, rows[None], bonus, cut=cut)[0].float()  # [k, K]: over the draft vocabulary
         picks = logits.argmax(-1)
     else:
         # drafts are drawn slot by slot from their own calibrated q_i (exponential-race
@@ -142,9 +143,9 @@ def _propose(
         if drafter.draft_vocab is not None:
             noise = noise[:, drafter.draft_vocab]
         draw = lambda lg, k: (torch.softmax(lg.float() / temperature, -1) / noise[k]).argmax(-1)  # noqa: E731
-        logits = drafter.block_logits(target, rows[None], bonus, pick=draw)[0].float()
+        logits = drafter.block_logits(target, rows[None], bonus, pick=draw, cut=cut)[0].float()
         picks = torch.stack([draw(lg, k) for k, lg in enumerate(logits)])
-    conf = logits.softmax(-1).amax(-1)
+    conf = draft_confidence(logits)
     n = int(verify_length(conf[None], cfg.verify_rule, cfg.tau, cfg.min_confidence, cfg.max_verify)[0])
     r.drafts = drafter.token_ids(picks[:n]).tolist()
     if temperature <= 0:

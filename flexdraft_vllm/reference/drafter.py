@@ -41,6 +41,7 @@ from torch import nn
 
 from flexdraft_vllm.config import CONFIG_KEY, FlexDraftConfig, FlexDraftConfigError
 from flexdraft_vllm.reference.attention import block_attention
+from flexdraft_vllm.reference.confidence import VerifyCut, draft_confidence
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -199,14 +200,17 @@ class FlexDraftDrafter(nn.Module):
         normed: torch.Tensor,  # [N, K, hidden] final-normed hidden of draft slots 1..K of N blocks
         bonus_ids: torch.Tensor,  # [N] the resolved bonus of each block
         pick: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # [N, K, K_vocab] calibrated logits over the draft vocabulary
+        cut: VerifyCut | None = None,
+    ) -> torch.Tensor:  # [N, K' <= K, K_vocab] calibrated logits over the draft vocabulary
         """Calibrated logits of a block's draft slots, anchored per config.calib_anchor.
 
         "bonus": every slot on the bonus, one batched call. "chain": slot k is
         anchored on the draft chosen for slot k-1 (slot 1 on the bonus), so the
         slots run one after another; `pick(logits [N, K_vocab], k) -> [N]`
         chooses that draft (default argmax; a sampler passes its own draw and
-        must then propose exactly the picks it made).
+        must then propose exactly the picks it made). With `cut` the chain
+        stops at the slot after which verification would keep no more drafts
+        (each slot costs a read of the draft head: most of a CPU's chain time).
         """
         if self.config.calib_anchor == "bonus":
             return self.draft_logits(target, normed, bonus_ids[:, None].expand(normed.shape[:2]))
@@ -214,6 +218,8 @@ class FlexDraftDrafter(nn.Module):
         anchor, out = bonus_ids, []
         for k in range(normed.shape[1]):
             out.append(self.draft_logits(target, normed[:, k], anchor))
+            if cut is not None and cut.push(draft_confidence(out[-1])):
+                break
             anchor = self.token_ids(pick(out[-1], k))
         return torch.stack(out, 1)
 

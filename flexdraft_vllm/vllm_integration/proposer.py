@@ -10,8 +10,9 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
              layers only, attending to the request's paged KV cache [0, ctx)
              (which now holds exactly the accepted tokens) plus its own block.
              Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
-             with the bonus (calib_anchor="chain": slot k with draft k-1). This is parallel mode's group `a` computed after
-             verification instead of speculatively before it.
+             with the bonus (calib_anchor="chain": slot k with draft k-1).
+             This is parallel mode's group `a` computed after verification
+             instead of speculatively before it.
   parallel   the same blocks computed DURING the verify forward, one group
              per possible outcome (parallel.py); after sampling, the group of
              the actual outcome is picked. Used when the policy chose
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
+from flexdraft_vllm.reference.confidence import VerifyCut
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
 from flexdraft_vllm.vllm_integration import cost_model, paged_kv
@@ -255,10 +257,12 @@ class FlexDraftProposer:
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
             bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
-            logits = self.drafter.block_logits(self.mask_view, torch.cat(parts), bonus)  # [N, K, K_vocab]
+            max_len = min(self.max_drafts, dec.max_drafts)
+            cut = VerifyCut(self.config.verify_rule, self.config.tau, self.config.min_confidence, max_len)
+            logits = self.drafter.block_logits(self.mask_view, torch.cat(parts), bonus, cut=cut)  # [N, K'<=K, K_vocab]
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
-                                   self.config.min_confidence, max_len=min(self.max_drafts, dec.max_drafts))
+                                   self.config.min_confidence, max_len=max_len)
             conf, ids, n = cd.conf, self.drafter.token_ids(cd.argmax_ids), cd.num_drafts  # [N, K], [N, K], [N]
             ids, n = ids.tolist(), n.tolist()
             if self.num_records < self.record_limit:

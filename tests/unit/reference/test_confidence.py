@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexdraft_vllm.reference.confidence import verify_length
+from flexdraft_vllm.reference.confidence import VerifyCut, draft_confidence, verify_length
 
 
 def brute(conf_row, rule, tau, min_conf, max_len):
@@ -106,3 +106,26 @@ def test_matches_brute_force_on_random_inputs(rule):
             want = [brute(row.tolist(), rule, 0.2, 0.6, max_len) for row in conf]
             assert got.tolist() == want, (K, max_len)
             assert got.dtype == torch.long
+
+
+@pytest.mark.parametrize("rule", ["cumprod", "min"])
+def test_verify_cut_stops_only_where_nothing_more_would_be_verified(rule):
+    """Computing slots only until VerifyCut says stop gives the same verify
+    length as computing all of them, and it does stop early."""
+    gen = torch.Generator().manual_seed(1)
+    early = 0
+    for N in (1, 3, 16):
+        for max_len in (None, 2, 5):
+            conf = torch.rand(N, 7, generator=gen) ** 0.5
+            cut = VerifyCut(rule, tau=0.2, min_conf=0.6, max_len=max_len)
+            k = next((j + 1 for j in range(7) if cut.push(conf[:, j])), 7)
+            want = verify_length(conf, rule, 0.2, 0.6, max_len)
+            assert verify_length(conf[:, :k], rule, 0.2, 0.6, max_len).tolist() == want.tolist()
+            assert int(want.max()) <= k
+            early += k < 7
+    assert early >= 5
+
+
+def test_draft_confidence():
+    x = torch.tensor([[0.0, 0.0], [float("nan"), float("nan")], [float("-inf"), 1.0]])
+    assert draft_confidence(x).tolist() == [0.5, 0.0, 1.0]

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexdraft_vllm.config import CONFIG_KEY, FlexDraftConfig, FlexDraftConfigError
+from flexdraft_vllm.reference.confidence import VerifyCut
 from flexdraft_vllm.reference.drafter import (
     WEIGHTS_FILE,
     Calibrator,
@@ -107,6 +108,9 @@ def test_block_logits_anchors(tiny_target, anchor):
         got = d.block_logits(tiny_target, normed, bonus, pick=fixed)
         torch.testing.assert_close(got[:, 2], d.draft_logits(tiny_target, normed[:, 2], torch.tensor([4, 4])))
         assert not torch.allclose(got[:, 2], want[2])
+        # a cut after slot 2 (max_len 2): the chain computes no further slot
+        cut = VerifyCut("cumprod", tau=0.0, max_len=2)
+        torch.testing.assert_close(d.block_logits(tiny_target, normed, bonus, cut=cut), torch.stack(want[:2], 1))
 
 
 def test_calib_anchor_is_checked_and_saved(tmp_path, tiny_target):
