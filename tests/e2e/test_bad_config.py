@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import make_llm, shutdown
+from llm_helpers import make_llm, shutdown
 from flexdraft_vllm.config import FlexDraftConfigError
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_llm, shutdown, spec_metrics
+from llm_helpers import make_llm, shutdown, spec_metrics
 
 PROMPTS = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
            "<|im_start|>user\nWrite a python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"]

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from conftest import generate_in_batches, make_llm, shutdown, spec_metrics
+from llm_helpers import generate_in_batches, make_llm, shutdown, spec_metrics
 
 
 FAST = os.environ.get("FLEXDRAFT_FULL") != "1"

@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-from conftest import make_llm, shutdown, spec_metrics
+from llm_helpers import make_llm, shutdown, spec_metrics
 
 # Default run (CI): one case, N = 300. FLEXDRAFT_FULL=1: both cases at N = 600.
 FULL = os.environ.get("FLEXDRAFT_FULL") == "1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_llm, metric, shutdown, spec_metrics
+from llm_helpers import make_llm, metric, shutdown, spec_metrics
 
 MAX_TOKENS = 64
 # SmolLM2-135M: 30 layers x 2 (K,V) x 3 kv heads x 64 dims x 4 bytes (fp32)

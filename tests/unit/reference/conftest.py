@@ -13,13 +13,12 @@ another job holds a core), so these tests run single-threaded.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from project_paths import BUNDLED_DRAFTER
 from tiny_models import make_tiny_target
 
-BUNDLED_DRAFTER = Path(__file__).resolve().parents[3] / "flexdraft_vllm" / "drafters" / "smollm2-135m"
 
 
 @pytest.fixture(scope="package", autouse=True)

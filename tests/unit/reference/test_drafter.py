@@ -20,7 +20,7 @@ from flexdraft_vllm.reference.drafter import (
     dense_block_attend,
 )
 
-from conftest import BUNDLED_DRAFTER
+from project_paths import BUNDLED_DRAFTER
 from tiny_models import tiny_drafter
 
 
