@@ -318,7 +318,8 @@ def train(cfg: TrainConfig) -> Path:
         target.cfg, split_layer=cfg.split_layer, block_size=cfg.block_size,
         target_model_id=meta.get("model_id", target_dir),
         target_fingerprint=meta.get("weights_sha256_16") or weights_fingerprint(target_dir),
-        calibrator=cfg.calibrator, calib_rank=cfg.calib_rank, calib_anchor=cfg.calib_anchor, draft_vocab_size=cfg.draft_vocab_size,
+        calibrator=cfg.calibrator, calib_rank=cfg.calib_rank, calib_anchor=cfg.calib_anchor,
+        draft_vocab_size=cfg.draft_vocab_size,
     )
     shards = build_kv_shards(target, seq_file, fcfg.deep_layers)
     items = _load_shards(shards)
