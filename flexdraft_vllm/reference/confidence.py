@@ -24,6 +24,22 @@ def draft_confidence(
     return torch.where(dead, torch.zeros((), device=x.device), torch.softmax(x, -1).amax(-1))
 
 
+def kept_prefix(
+    conf: torch.Tensor,  # [N, K] confidence of each draft
+    rule: str = "cumprod",
+    tau: float = 0.01,
+    min_conf: float = 0.3,
+) -> torch.Tensor:  # [N] int64 in [0, K]: drafts the rule keeps, before any clamp
+    if rule == "cumprod":
+        keep = torch.cumprod(conf.double(), dim=1) >= tau
+    elif rule == "min":
+        keep = torch.cumprod((conf >= min_conf).long(), dim=1).bool()
+    else:
+        raise ValueError(f"unknown verify rule {rule!r}: use cumprod or min")
+    # keep is monotone (a prefix), so its count is the prefix length
+    return torch.cumprod(keep.long(), dim=1).sum(dim=1)
+
+
 def verify_length(
     conf: torch.Tensor,  # [N, K] confidence of each draft (K = drafts available)
     rule: str = "cumprod",
@@ -34,14 +50,7 @@ def verify_length(
     N, K = conf.shape
     if K == 0:
         return torch.zeros(N, dtype=torch.long, device=conf.device)
-    if rule == "cumprod":
-        keep = torch.cumprod(conf.double(), dim=1) >= tau
-    elif rule == "min":
-        keep = torch.cumprod((conf >= min_conf).long(), dim=1).bool()
-    else:
-        raise ValueError(f"unknown verify rule {rule!r}: use cumprod or min")
-    # keep is monotone (a prefix), so its count is the prefix length
-    n = torch.cumprod(keep.long(), dim=1).sum(dim=1)
+    n = kept_prefix(conf, rule, tau, min_conf)
     hi = K if max_len is None else min(K, max_len)
     return n.clamp(1, hi)
 
@@ -57,16 +66,10 @@ class VerifyCut:
         if rule not in ("cumprod", "min"):
             raise ValueError(f"unknown verify rule {rule!r}: use cumprod or min")
         self.rule, self.tau, self.min_conf, self.max_len = rule, tau, min_conf, max_len
-        self.k = 0
-        self.run: torch.Tensor | None = None  # [N] float64 running product (cumprod rule)
-        self.alive: torch.Tensor | None = None  # [N] bool: the row's prefix still holds
+        self.confs: list[torch.Tensor] = []  # [N] confidence of each slot pushed so far
 
-    def push(self, conf: torch.Tensor) -> bool:  # conf [N]: confidence of slot k+1
-        self.k += 1
-        if self.rule == "cumprod":
-            self.run = conf.double() if self.run is None else self.run * conf.double()
-            ok = self.run >= self.tau
-        else:
-            ok = conf >= self.min_conf
-        self.alive = ok if self.alive is None else self.alive & ok
-        return (self.max_len is not None and self.k >= self.max_len) or not bool(self.alive.any())
+    def push(self, conf: torch.Tensor) -> bool:  # conf [N]: confidence of the next slot
+        self.confs.append(conf)
+        k = len(self.confs)
+        kept = kept_prefix(torch.stack(self.confs, 1), self.rule, self.tau, self.min_conf)  # [N]
+        return (self.max_len is not None and k >= self.max_len) or bool((kept < k).all())
