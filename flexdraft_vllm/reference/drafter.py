@@ -99,12 +99,12 @@ class Calibrator(nn.Module):
         self,
         normed: torch.Tensor,  # [..., h] final-normed mask hidden
         bonus_emb: torch.Tensor,  # [..., h] target embedding of the resolved bonus token
-        lm_head: torch.Tensor,  # [V, h]
+        head: Callable[[torch.Tensor], torch.Tensor],  # x [..., h] -> x @ lm_head^T [..., V]
     ) -> torch.Tensor:  # [..., V]
         c = self.fc2(torch.nn.functional.silu(self.fc1(torch.cat([bonus_emb, normed], dim=-1))))
         if self.kind == "tied":
-            return (normed + c) @ lm_head.t()
-        return normed @ lm_head.t() + c
+            return head(normed + c)
+        return head(normed) + c
 
 
 class FlexDraftDrafter(nn.Module):
@@ -123,6 +123,9 @@ class FlexDraftDrafter(nn.Module):
         # [K] ascending token ids; set by training (set_draft_vocab) or loaded with the weights
         self.register_buffer("draft_vocab", torch.arange(K, device=target.device) if K else None)
         self._head: tuple | None = None  # (lm_head it was sliced from, (vocab version, dtype), [K, h] rows)
+        # x -> x @ head_weight^T computed another way (vLLM's packed CPU GEMM); set by the
+        # vLLM proposer after loading, when the draft vocabulary no longer changes
+        self.head_matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # ---- the mask path ---------------------------------------------------------
     def mask_layer(
@@ -192,7 +195,11 @@ class FlexDraftDrafter(nn.Module):
         normed: torch.Tensor,  # [..., hidden] final-normed hidden of draft masks
         bonus_ids: torch.Tensor,  # [...] the resolved bonus each mask is anchored on
     ) -> torch.Tensor:  # [..., K or V] over the draft vocabulary (see token_ids)
-        return self.calibrator(normed, target.embed(bonus_ids), self.head_weight(target))
+        head = self.head_matmul
+        if head is None:
+            w = self.head_weight(target)
+            head = lambda x: x @ w.t()  # noqa: E731
+        return self.calibrator(normed, target.embed(bonus_ids), head)
 
     def block_logits(
         self,

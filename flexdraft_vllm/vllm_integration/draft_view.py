@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from flexdraft_vllm.config import FlexDraftConfig
+from flexdraft_vllm.vllm_integration import cpu_gemm
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,42 +64,61 @@ def linear_weight(mod: nn.Module, in_features: int, dtype: torch.dtype) -> torch
 
 
 class _Norm:
-    """RMSNorm over a low-precision row: statistics in float32, output in dtype."""
+    """RMSNorm over a low-precision row: statistics in float32, output in dtype.
+    fused: vLLM's CPU rms_norm op (one call instead of ~8 small ops; the same
+    float32 statistics; the weight multiply rounds in dtype)."""
 
-    def __init__(self, norm: nn.Module, dtype: torch.dtype):
+    def __init__(self, norm: nn.Module, dtype: torch.dtype, fused: bool = False):
         self.weight = norm.weight.detach().float()
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         self.dtype = dtype
+        self.fused_weight = norm.weight.detach().to(dtype).contiguous() if fused else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_weight is not None:
+            x = x.contiguous()
+            out = torch.empty_like(x)
+            torch.ops._C.rms_norm(out, x, self.fused_weight, self.eps)
+            return out
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight).to(self.dtype)
 
 
+def _matmul(weight: torch.Tensor, packed: bool):  # x [..., in] -> x @ weight^T [..., out]
+    return cpu_gemm.PackedLinear(weight) if packed else (lambda x: nn.functional.linear(x, weight))
+
+
 class _DraftLayer:
     """One deep layer's shared (frozen) parts, copied to dtype."""
 
-    def __init__(self, layer: nn.Module, hidden: int, intermediate: int, dtype: torch.dtype):
-        self.input_layernorm = _Norm(layer.input_layernorm, dtype)
-        self.post_attention_layernorm = _Norm(layer.post_attention_layernorm, dtype)
-        self.gate_up = linear_weight(layer.mlp.gate_up_proj, hidden, dtype)  # [2I, h]: gate rows, then up rows
-        self.down = linear_weight(layer.mlp.down_proj, intermediate, dtype)  # [h, I]
-        assert self.gate_up.shape == (2 * intermediate, hidden) and self.down.shape == (hidden, intermediate)
+    def __init__(self, layer: nn.Module, hidden: int, intermediate: int, dtype: torch.dtype, packed: bool):
+        self.input_layernorm = _Norm(layer.input_layernorm, dtype, fused=packed)
+        self.post_attention_layernorm = _Norm(layer.post_attention_layernorm, dtype, fused=packed)
+        gate_up = linear_weight(layer.mlp.gate_up_proj, hidden, dtype)  # [2I, h]: gate rows, then up rows
+        down = linear_weight(layer.mlp.down_proj, intermediate, dtype)  # [h, I]
+        assert gate_up.shape == (2 * intermediate, hidden) and down.shape == (hidden, intermediate)
+        self.gate_up, self.down = _matmul(gate_up, packed), _matmul(down, packed)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = nn.functional.linear(x, self.gate_up).chunk(2, dim=-1)
-        return nn.functional.linear(nn.functional.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
 
 
 class DraftPrecisionView:
-    def __init__(self, view, deep_layers: range, dtype: torch.dtype):
+    def __init__(self, view, deep_layers: range, dtype: torch.dtype, packed: bool = False):
+        """packed (CPU, cpu_gemm.available): the MLP copies and the mask projectors'
+        q/k/v (one fused weight each) through vLLM's prepacked GEMM, norms
+        through its rms_norm op. Fewer, larger ops: at a handful of rows the mask
+        path's time is mostly per-op overhead."""
         self.base = view
         self.dtype = dtype
+        self.packed = packed
         cfg = view.cfg
-        self.layers = {l: _DraftLayer(view.layers[l], cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.layers = {l: _DraftLayer(view.layers[l], cfg.hidden_size, cfg.intermediate_size, dtype, packed)
                        for l in deep_layers}
-        self.norm = _Norm(view.norm, dtype)
+        self.norm = _Norm(view.norm, dtype, fused=packed)
+        self._qkv: dict[int, tuple] = {}  # id(projector) -> (projector, fused q/k/v matmul, split sizes)
         self.lm_head_weight = view.lm_head_weight  # the drafter slices and casts its rows once
 
     @property
@@ -108,13 +128,28 @@ class DraftPrecisionView:
     def project_qkv(self, proj: nn.Module, x: torch.Tensor, positions: torch.Tensor):
         """q [n, Hq, D], k/v [n, Hkv, D] in dtype; RoPE in the cos/sin cache's dtype (float32)."""
         b, n = self.base, x.shape[0]
-        q, k, v = proj.q_proj(x), proj.k_proj(x), proj.v_proj(x)
+        if self.packed:
+            q, k, v = self._fused_qkv(proj, x)
+        else:
+            q, k, v = proj.q_proj(x), proj.k_proj(x), proj.v_proj(x)
         if proj.q_norm is not None:
             q = proj.q_norm(q.view(n, b.num_heads, b.head_dim)).reshape(n, -1)
             k = proj.k_norm(k.view(n, b.num_kv_heads, b.head_dim)).reshape(n, -1)
         q, k = b.apply_rope(positions, q.float(), k.float())
         return (q.view(n, b.num_heads, b.head_dim).to(self.dtype), k.view(n, b.num_kv_heads, b.head_dim).to(self.dtype),
                 v.view(n, b.num_kv_heads, b.head_dim))
+
+    def _fused_qkv(self, proj: nn.Module, x: torch.Tensor):
+        """q, k, v from one packed GEMM over the projector's stacked weights.
+        Built on first use; the projectors are frozen once the proposer loads."""
+        entry = self._qkv.get(id(proj))
+        if entry is None or entry[0] is not proj:
+            mods = (proj.q_proj, proj.k_proj, proj.v_proj)
+            bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods]).to(self.dtype)
+            w = torch.cat([m.weight.detach().to(self.dtype) for m in mods])
+            entry = (proj, cpu_gemm.PackedLinear(w, bias), [m.weight.shape[0] for m in mods])
+            self._qkv[id(proj)] = entry
+        return entry[1](x).split(entry[2], dim=-1)
 
     def mlp_block(self, layer: _DraftLayer, h: torch.Tensor) -> torch.Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -157,6 +157,60 @@ def unpack_cpu_pages(
     return _unpack(pages[..., :bs, :], perm_k), _unpack(pages[..., bs:, :], perm_v)
 
 
+class CpuBlockMask:
+    """What cpu_block_attention needs that does not depend on the layer: the
+    key mask of N requests x G blocks of B masks over [real keys | own block].
+    A draft pass runs every deep layer with the same blocks, so it is built
+    once per pass (at a handful of rows, small ops are most of the time)."""
+
+    def __init__(
+        self,
+        ctx_lens: torch.Tensor,  # [N, G] int: block (n, g) sees real keys [0, ctx_lens[n, g])
+        B: int,
+        device: torch.device,
+    ):
+        ctx_lens = ctx_lens.to(device)
+        N, G = ctx_lens.shape
+        self.lo, self.T = int(ctx_lens.min()), int(ctx_lens.max())  # CPU tensors: no device sync
+        T = self.T
+        self.seen = self.mask = None
+        if self.lo < T:
+            visible = torch.arange(T, device=device)[None, None, :] < ctx_lens[:, :, None]  # [N, G, T]
+            # rows past every block's context may hold anything (stale or unwritten pages):
+            # they are zeroed, since a masked weight of 0 times NaN would still poison the output
+            self.seen = visible.any(1)[:, :, None, None]  # [N, T, 1, 1]
+            self.mask = torch.cat([visible[:, :, None, :].expand(N, G, B, T),
+                                   torch.ones(N, G, B, B, dtype=torch.bool, device=device)],
+                                  dim=-1).flatten(0, 1)[:, None]  # [N*G, 1, B, T+B]
+        # else every block sees all T real keys and its whole block: no mask at all
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [N, G, B, Hq, D]
+        k_blk: torch.Tensor,  # [N, G, B, Hkv, D] the blocks' own keys
+        v_blk: torch.Tensor,  # [N, G, B, Hkv, D]
+        k_ctx: torch.Tensor,  # [N, >=T, Hkv, D] real keys (gather_batch_cpu_layout)
+        v_ctx: torch.Tensor,  # [N, >=T, Hkv, D]
+        scale: float,
+    ) -> torch.Tensor:  # [N, G, B, Hq, D]
+        N, G, B, Hq, D = q.shape
+        T = self.T
+        k_ctx, v_ctx = k_ctx[:, :T], v_ctx[:, :T]  # the gather pads to whole pages
+        Hkv, c = k_ctx.shape[2], k_ctx.dtype
+        if self.seen is not None:
+            k_ctx, v_ctx = torch.where(self.seen, k_ctx, 0.0), torch.where(self.seen, v_ctx, 0.0)
+
+        def keys(ctx_part, blk):  # -> [N*G, Hkv, T+B, D]
+            ctx_part = ctx_part[:, None].expand(N, G, T, Hkv, D)
+            return torch.cat([ctx_part, blk.to(c)], dim=2).flatten(0, 1).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.to(c).flatten(0, 1).transpose(1, 2), keys(k_ctx, k_blk), keys(v_ctx, v_blk),
+            attn_mask=self.mask, scale=scale, enable_gqa=Hq != Hkv,
+        )  # [N*G, Hq, B, D]
+        return out.transpose(1, 2).reshape(N, G, B, Hq, D).to(q.dtype)
+
+
 def cpu_block_attention(
     q: torch.Tensor,  # [N, G, B, Hq, D] G mask blocks for each of N requests
     k_blk: torch.Tensor,  # [N, G, B, Hkv, D] the blocks' own keys
@@ -172,28 +226,7 @@ def cpu_block_attention(
     [real keys | own block] per block, GQA without repeating K/V. The
     reference's ~20 small ops per layer cost ~0.5 ms at 8 rows x 216 keys on
     a 2-core Xeon, more than the layer's matmuls. Computed in the cache's
-    dtype (float32 here), like the reference.
+    dtype (float32 here), like the reference. A draft pass builds the
+    CpuBlockMask once and calls its `attend` per layer.
     """
-    N, G, B, Hq, D = q.shape
-    ctx_lens = ctx_lens.to(q.device)
-    lo, T = int(ctx_lens.min()), int(ctx_lens.max())  # CPU tensors: no device sync
-    k_ctx, v_ctx = k_ctx[:, :T], v_ctx[:, :T]  # the gather pads to whole pages
-    Hkv, c = k_ctx.shape[2], k_ctx.dtype
-    visible = torch.arange(T, device=q.device)[None, None, :] < ctx_lens[:, :, None]  # [N, G, T]
-    if lo < T:
-        # rows past every block's context may hold anything (stale or unwritten pages):
-        # zero them, since a masked weight of 0 times NaN would still poison the output
-        seen = visible.any(1)[:, :, None, None]  # [N, T, 1, 1]
-        k_ctx, v_ctx = torch.where(seen, k_ctx, 0.0), torch.where(seen, v_ctx, 0.0)
-
-    def keys(ctx_part, blk):  # -> [N*G, Hkv, T+B, D]
-        ctx_part = ctx_part[:, None].expand(N, G, T, Hkv, D)
-        return torch.cat([ctx_part, blk.to(c)], dim=2).flatten(0, 1).transpose(1, 2)
-
-    mask = torch.cat([visible[:, :, None, :].expand(N, G, B, T),
-                      torch.ones(N, G, B, B, dtype=torch.bool, device=q.device)], dim=-1)  # [N, G, B, T+B]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.to(c).flatten(0, 1).transpose(1, 2), keys(k_ctx, k_blk), keys(v_ctx, v_blk),
-        attn_mask=mask.flatten(0, 1)[:, None], scale=scale, enable_gqa=Hq != Hkv,
-    )  # [N*G, Hq, B, D]
-    return out.transpose(1, 2).reshape(N, G, B, Hq, D).to(q.dtype)
+    return CpuBlockMask(ctx_lens, q.shape[2], q.device).attend(q, k_blk, v_blk, k_ctx, v_ctx, scale)

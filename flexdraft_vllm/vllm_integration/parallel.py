@@ -115,3 +115,4 @@ class MaskStream:
         self.positions = flat[:, None] + torch.arange(block_size, device=dev)[None]  # [V, B]
         self.h = h0.expand(plan.num_blocks, block_size, -1)  # [V, B, hidden]
         self.normed: torch.Tensor | None = None  # [V, B, hidden] after the last deep layer
+        self.attend_for = None  # layer -> attend callback (set by the proposer)

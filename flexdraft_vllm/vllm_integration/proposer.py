@@ -42,7 +42,7 @@ from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
 from flexdraft_vllm.reference.confidence import VerifyCut
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
-from flexdraft_vllm.vllm_integration import cost_model, paged_kv
+from flexdraft_vllm.vllm_integration import cost_model, cpu_gemm, paged_kv
 from flexdraft_vllm.vllm_integration.draft_view import DraftPrecisionView, resolve_draft_dtype
 from flexdraft_vllm.vllm_integration.options import check_vllm_config, runs_eagerly
 from flexdraft_vllm.vllm_integration.parallel import MaskStream, pick_groups, plan_groups
@@ -113,8 +113,13 @@ class FlexDraftProposer:
             )
         dtype = resolve_draft_dtype(self.config, self.view.dtype, self.view.device)
         self.drafter = drafter.to(device=self.view.device, dtype=dtype).eval()
+        # CPU: the mask path's linears through vLLM's prepacked oneDNN GEMM (cpu_gemm.py)
+        packed = cpu_gemm.available(self.view.device, dtype)
         self.mask_view = (self.view if dtype == self.view.dtype
-                          else DraftPrecisionView(self.view, self.config.deep_layers, dtype))
+                          else DraftPrecisionView(self.view, self.config.deep_layers, dtype, packed=packed))
+        if packed:
+            cpu_gemm.pack_linears(self.drafter)  # tuned projectors, calibrator
+            self.drafter.head_matmul = cpu_gemm.PackedLinear(self.drafter.head_weight(self.mask_view))
         if self.parallel_ok:
             for l in self.config.deep_layers:  # hooks on this engine's module instances
                 self.view.layers[l].register_forward_hook(self._hook_for(l))
@@ -136,6 +141,7 @@ class FlexDraftProposer:
 
             head_w = self.view.lm_head_weight
             draft_w = self.drafter.head_weight(self.mask_view)  # its draft-vocabulary slice, or all of it
+            draft_head = self.drafter.head_matmul or (lambda x: torch.nn.functional.linear(x, draft_w))
             mv, proj, dtype = self.mask_view, self.drafter.mask_attn[0], self.drafter.mask_embedding.dtype
             mask_layer = mv.layers[self.config.split_layer]
 
@@ -149,7 +155,7 @@ class FlexDraftProposer:
                                       self.view.cfg.hidden_size, num_layers=self.view.num_layers,
                                       num_deep=len(self.config.deep_layers), block_size=self.config.block_size,
                                       device=self.view.device, dtype=self.view.dtype,
-                                      draft_head_work=lambda x: torch.nn.functional.linear(x.to(dtype), draft_w),
+                                      draft_head_work=lambda x: draft_head(x.to(dtype)),
                                       mask_layer_work=mask_layer_work)
             logger.info("FlexDraft cost model measured in %.1f s: rows %s -> forward %s ms",
                         time.perf_counter() - t0, list(cost.rows),
@@ -188,7 +194,7 @@ class FlexDraftProposer:
                 return None
             # the real rows of this layer have written their K/V: candidates 0..g are visible to group g
             st.h = self.drafter.mask_layer(self.mask_view, layer_idx, st.h, st.positions,
-                                           self._attend(layer_idx, st.block_table, st.rows, st.ctx))
+                                           st.attend_for(layer_idx))
             if layer_idx == last:
                 st.normed = self.mask_view.final_hidden(st.h)
                 self._stream, self._building = st, None
@@ -212,7 +218,9 @@ class FlexDraftProposer:
         if plan is None:
             return None
         bt = ib.block_table[0].get_device_tensor(R)
-        return MaskStream(plan, bt, self.drafter.mask_embedding, self.config.block_size)
+        stream = MaskStream(plan, bt, self.drafter.mask_embedding, self.config.block_size)
+        stream.attend_for = self._attention(bt, stream.rows, stream.ctx)
+        return stream
 
     # ---- drafts after sampling ---------------------------------------------------------
     @torch.inference_mode()
@@ -252,7 +260,7 @@ class FlexDraftProposer:
         if seq_rows:
             idx = torch.tensor(seq_rows, device=self.view.device)
             ctx = torch.tensor([int(ntok[i]) - 1 for i in seq_rows], device=self.view.device)
-            normed = self.drafter.draft_hidden(self.mask_view, ctx, lambda l: self._attend(l, block_table, idx, ctx[:, None]))
+            normed = self.drafter.draft_hidden(self.mask_view, ctx, self._attention(block_table, idx, ctx[:, None]))
             parts.append(normed[:, 1 : 1 + K])
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
@@ -287,32 +295,49 @@ class FlexDraftProposer:
                                     "group": par_groups[r] if r < len(par_groups) else None}) + "\n")
                 self.num_records += 1
 
-    def _attend(self, layer_idx: int, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor):
-        """The attend callback for mask blocks laid out [N, G] (rows [N] of the
-        block table, ctx [N, G]); the drafter passes them flat as [N*G, B, ...]."""
-        kv_cache = self.view.kv_cache(layer_idx)
+    def _attention(self, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor):
+        """layer -> the attend callback of one pass's mask blocks, laid out [N, G]
+        (rows [N] of the block table, ctx [N, G]); the drafter passes them flat as
+        [N*G, B, ...]. What does not depend on the layer is computed here, once."""
         scale = self.view.scale
         N, G = ctx.shape
         max_ctx = int(ctx.max())
+        if self.view.device.type == "cuda":
+            from flexdraft_kernels.mask_attention import mask_attention_for_blocks
 
-        def attend(q, k, v):  # [N*G, B, H, D]
-            if kv_cache.is_cuda:
-                from flexdraft_kernels.mask_attention import mask_attention_for_blocks
+            block_rows, flat_ctx = rows.repeat_interleave(G), ctx.reshape(-1)
 
-                # the kernel reads each block's pages in place: no per-group copies; it
-                # computes in the cache's dtype (draft_dtype may differ from it)
+            def for_layer(layer_idx: int):
+                kv_cache = self.view.kv_cache(layer_idx)
                 c = kv_cache.dtype
-                return mask_attention_for_blocks(q.to(c), k.to(c), v.to(c), kv_cache, block_table, rows.repeat_interleave(G),
-                                                 ctx.reshape(-1), scale, max_ctx_len=max_ctx).to(q.dtype)
-            if kv_cache.dim() == 4:  # CPU_ATTN layout: one gather per request, shared by its groups
-                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, block_table[rows], max_ctx, self._cpu_perms(kv_cache))
-                grouped = lambda t: t.view(N, G, *t.shape[1:])  # noqa: E731
-                return paged_kv.cpu_block_attention(grouped(q), grouped(k), grouped(v), kc, vc, ctx, scale).flatten(0, 1)
-            raise NotImplementedError(
-                f"FlexDraft cannot read this CPU KV-cache layout {tuple(kv_cache.shape)}; supported: CPU_ATTN "
-                f"[num_blocks, Hkv, block_size, 2*D] (unquantized)")
 
-        return attend
+                def attend(q, k, v):  # [N*G, B, H, D]
+                    # the kernel reads each block's pages in place: no per-group copies; it
+                    # computes in the cache's dtype (draft_dtype may differ from it)
+                    return mask_attention_for_blocks(q.to(c), k.to(c), v.to(c), kv_cache, block_table, block_rows,
+                                                     flat_ctx, scale, max_ctx_len=max_ctx).to(q.dtype)
+
+                return attend
+
+            return for_layer
+        table = block_table[rows]  # CPU_ATTN layout: one gather per request, shared by its groups
+        mask = paged_kv.CpuBlockMask(ctx, self.config.block_size, self.view.device)
+        grouped = lambda t: t.view(N, G, *t.shape[1:])  # noqa: E731
+
+        def for_layer(layer_idx: int):
+            kv_cache = self.view.kv_cache(layer_idx)
+            if kv_cache.dim() != 4:
+                raise NotImplementedError(
+                    f"FlexDraft cannot read this CPU KV-cache layout {tuple(kv_cache.shape)}; supported: CPU_ATTN "
+                    f"[num_blocks, Hkv, block_size, 2*D] (unquantized)")
+
+            def attend(q, k, v):  # [N*G, B, H, D]
+                kc, vc = paged_kv.gather_batch_cpu_layout(kv_cache, table, max_ctx, self._cpu_perms(kv_cache))
+                return mask.attend(grouped(q), grouped(k), grouped(v), kc, vc, scale).flatten(0, 1)
+
+            return attend
+
+        return for_layer
 
     def _cpu_perms(self, kv_cache: torch.Tensor):
         """vLLM's CPU attention packs K (and V) per block in an ISA-specific order; learn it once."""

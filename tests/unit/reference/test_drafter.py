@@ -62,7 +62,7 @@ def test_calibrator_is_identity_at_init(kind):
     cal = Calibrator(h, 8, V, kind)
     lm = torch.randn(V, h)
     normed, bonus = torch.randn(3, 5, h), torch.randn(3, 5, h)
-    torch.testing.assert_close(cal(normed, bonus, lm), normed @ lm.t())
+    torch.testing.assert_close(cal(normed, bonus, lambda x: x @ lm.t()), normed @ lm.t())
 
 
 @pytest.mark.parametrize("kind", ["tied", "full"])
@@ -73,11 +73,12 @@ def test_trained_calibrator_uses_the_bonus(kind):
     torch.nn.init.normal_(cal.fc2.weight)
     lm = torch.randn(V, h)
     normed, bonus = torch.randn(4, h), torch.randn(4, h)
-    out = cal(normed, bonus, lm)
+    head = lambda x: x @ lm.t()  # noqa: E731
+    out = cal(normed, bonus, head)
     c = cal.fc2(torch.nn.functional.silu(cal.fc1(torch.cat([bonus, normed], -1))))
     want = (normed + c) @ lm.t() if kind == "tied" else normed @ lm.t() + c
     torch.testing.assert_close(out, want)
-    assert not torch.allclose(cal(normed, bonus.flip(0), lm), out)  # anchored on the bonus
+    assert not torch.allclose(cal(normed, bonus.flip(0), head), out)  # anchored on the bonus
 
 
 def test_fresh_drafter_logits_are_the_lm_head(tiny_target):

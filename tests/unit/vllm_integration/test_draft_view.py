@@ -19,7 +19,7 @@ from torch import nn
 from flexdraft_vllm.config import FlexDraftConfig
 from flexdraft_vllm.reference.drafter import dense_block_attend
 from flexdraft_vllm.reference.target import TargetAdapter, rotate_half
-from flexdraft_vllm.vllm_integration import draft_view
+from flexdraft_vllm.vllm_integration import cpu_gemm, draft_view
 from flexdraft_vllm.vllm_integration.draft_view import DraftPrecisionView, linear_weight, resolve_draft_dtype
 from tiny_models import make_tiny_target, tiny_drafter
 
@@ -94,14 +94,21 @@ def test_float32_copy_reproduces_the_mask_path(setup):
     torch.testing.assert_close(_draft(drafter, low, kv, ctx, bonus), want, atol=2e-5, rtol=1e-5)
 
 
-def test_bfloat16_drafts_stay_close(setup):
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_drafts_stay_close(setup, packed):
     """Only bf16 rounding of weights and activations separates the two: logits
     within 0.02 (their spread is ~0.13 on this random model; the top-2 gaps are
-    >= 0.04, so every argmax must agree)."""
+    >= 0.04, so every argmax must agree). packed: the CPU fast path (vLLM's
+    prepacked GEMM, fused q/k/v, its rms_norm op), set up as the proposer does."""
+    if packed and not cpu_gemm.available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this vLLM build has no oneDNN CPU GEMM")
     tiny, view, drafter, kv, ctx, bonus = setup
     want = _draft(drafter, tiny, kv, ctx, bonus)
-    low = DraftPrecisionView(view, drafter.config.deep_layers, torch.bfloat16)
+    low = DraftPrecisionView(view, drafter.config.deep_layers, torch.bfloat16, packed=packed)
     d16 = copy.deepcopy(drafter).to(torch.bfloat16)
+    if packed:
+        assert cpu_gemm.pack_linears(d16) > 0
+        d16.head_matmul = cpu_gemm.PackedLinear(d16.head_weight(low))
     got = _draft(d16, low, kv, ctx, bonus)
     assert d16.head_weight(low).dtype == torch.bfloat16
     assert (got - want).abs().max() < 0.02

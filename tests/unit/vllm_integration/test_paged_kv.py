@@ -138,6 +138,24 @@ def test_fused_cpu_attention_equals_the_reference(dtype):
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
 
 
+def test_block_mask_is_dropped_when_every_block_sees_every_key():
+    """One context length for all blocks (a sequential pass at batch 1): no key
+    mask at all, and the same result as the reference's masked attention."""
+    cache = _cpu_cache(d=64)
+    nb, hkv, bs, _ = cache.shape
+    N, G, B, Hq, D = 1, 1, 8, 9, 64
+    torch.manual_seed(4)
+    table = torch.randperm(nb)[:6][None]
+    ctx = torch.tensor([[37]])
+    q, k, v = (torch.randn(N, G, B, h, D) for h in (Hq, hkv, hkv))
+    kc, vc = paged_kv.gather_batch_cpu_layout(cache, table, 37)
+    mask = paged_kv.CpuBlockMask(ctx, B, q.device)
+    assert mask.mask is None and mask.seen is None and mask.T == 37
+    got = mask.attend(q, k, v, kc, vc, D ** -0.5)
+    want = batched_block_attention(q, k, v, kc, vc, ctx, D ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_named_packings_unpack_as_views_equal_to_the_gather():
     """packing_kind names the row-major and transposed (vec16 K) packings; both
     unpack as views, equal to the permutation gather they replace."""
