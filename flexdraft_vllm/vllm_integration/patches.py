@@ -41,6 +41,27 @@ Each entry says why it exists and which upstream change would remove it.
    in the caller's process, makes LLM(...) raise FlexDraftConfigError itself
    and `vllm serve` exit with the message. Remove when: vLLM validates
    custom proposers in the front-end (e.g. a classmethod hook on the class).
+
+5. GPUModelRunner.execute_model (FlexDraft engines only)
+   Why: parallel mode computes mask groups inside the verify forward, so the
+   proposer must see the step's scheduler output before the forward runs (to
+   plan the groups and time the step for the flex policy); vLLM 0.32 gives a
+   custom_class proposer nothing before sampling. The wrapper calls
+   FlexDraftProposer.begin_step, then vLLM's own execute_model. Remove when:
+   proposers get a pre-forward hook with the scheduler output.
+
+6. GPUModelRunner._prepare_inputs (FlexDraft engines only)
+   Why: with a speculative config, vLLM 0.32 sends every step through the
+   rejection sampler, also a step in which no request has drafts (for
+   recurrent attention backends, which Llama/Qwen targets do not use). The
+   flex policy's "off" steps are exactly such steps; through the rejection
+   sampler they cost more than a plain decode step (+3.6 ms of sampling at
+   batch 64 on a 2-core Xeon, 2% of the step). For a step without drafts the
+   wrapper hides the speculative config while vLLM prepares the inputs, so it
+   takes its plain path (spec_decode_metadata None, vLLM's own sampler,
+   which the rejection sampler also uses for bonus tokens: same tokens, same
+   RNG draws). Remove when: vLLM takes the plain path itself for steps
+   without drafts on non-recurrent models.
 """
 
 from __future__ import annotations
@@ -62,6 +83,7 @@ def apply() -> None:
     _patch_seeded_discard_on_cpu()
     _patch_frontend_validation()
     _patch_runner_begin_step()
+    _patch_runner_plain_steps()
     _APPLIED = True
 
 
@@ -186,3 +208,28 @@ def _patch_runner_begin_step() -> None:
         return execute_model
 
     _wrap(GPUModelRunner, "execute_model", make)
+
+
+def plain_step_inputs(original):
+    """Entry 6's wrapper of GPUModelRunner._prepare_inputs (module level for tests)."""
+
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        from flexdraft_vllm.vllm_integration.proposer import FlexDraftProposer
+
+        spec = self.speculative_config
+        if (spec is None or scheduler_output.scheduled_spec_decode_tokens
+                or not isinstance(getattr(self, "drafter", None), FlexDraftProposer)):
+            return original(self, scheduler_output, *args, **kwargs)
+        self.speculative_config = None  # read only as "use_spec_decode" in _prepare_inputs
+        try:
+            return original(self, scheduler_output, *args, **kwargs)
+        finally:
+            self.speculative_config = spec
+
+    return _prepare_inputs
+
+
+def _patch_runner_plain_steps() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(GPUModelRunner, "_prepare_inputs", plain_step_inputs)

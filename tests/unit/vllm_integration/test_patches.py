@@ -14,6 +14,7 @@ def test_apply_is_idempotent_and_wraps_once():
 
     def wrapped():
         return (GPUModelRunner.propose_draft_token_ids, GPUModelRunner.sample_tokens, GPUModelRunner.execute_model,
+                GPUModelRunner._prepare_inputs,
                 EngineArgs.create_engine_config, CpuPlatform.register_triton_kernel_overrides.__func__)
 
     patches.apply()
@@ -53,3 +54,34 @@ def test_vllm_cpu_rejection_sampler_respects_temperature_after_patch():
     got = rs.apply_sampling_constraints(logits.clone(), torch.tensor([4, 6]), md)
     want = logits / torch.tensor([0.5] * 4 + [2.0] * 2)[:, None]
     torch.testing.assert_close(got, want)
+
+
+def test_steps_without_drafts_take_the_plain_path():
+    """Entry 6: a FlexDraft step in which no request has drafts is prepared
+    with the speculative config hidden (vLLM's plain sampling path); steps
+    with drafts, other proposers, and the config afterwards are untouched."""
+    import types
+
+    from flexdraft_vllm.vllm_integration.proposer import FlexDraftProposer
+
+    seen = []
+
+    def prepare(runner, so, fail=False):
+        seen.append(runner.speculative_config)
+        if fail:
+            raise RuntimeError("boom")
+        return "inputs"
+
+    wrapped = patches.plain_step_inputs(prepare)
+    flex = types.SimpleNamespace(speculative_config="spec", drafter=FlexDraftProposer.__new__(FlexDraftProposer))
+    other = types.SimpleNamespace(speculative_config="spec", drafter=object())
+    no_drafts = types.SimpleNamespace(scheduled_spec_decode_tokens={})
+    drafts = types.SimpleNamespace(scheduled_spec_decode_tokens={"r0": [5, 6]})
+    assert wrapped(flex, no_drafts) == "inputs" and seen[-1] is None and flex.speculative_config == "spec"
+    assert wrapped(flex, drafts) == "inputs" and seen[-1] == "spec"
+    assert wrapped(other, no_drafts) == "inputs" and seen[-1] == "spec"  # e.g. ngram: vLLM's own behaviour
+    try:
+        wrapped(flex, no_drafts, fail=True)
+    except RuntimeError:
+        pass
+    assert flex.speculative_config == "spec"  # restored on errors too
