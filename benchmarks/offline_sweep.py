@@ -148,6 +148,7 @@ def sweep_config(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]
         "max_num_seqs": args.max_num_seqs,
         "kv_cache_gib": args.kv_gib,
         "prefix_caching": args.prefix_caching,
+        "engine_process": args.engine_process,
         "temperature": 0.0,
     }
 
@@ -351,7 +352,7 @@ def _engine_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     env["FLEXDRAFT_KV_GIB"] = str(args.kv_gib)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.engine_process == "separate" else "0"
     env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     if args.preload:
         pre = [str(p) for p in (Path(sys.prefix) / "lib" / "libiomp5.so",
@@ -460,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"(default: {ARCTIC_OVERLAY} if it exists; make it with benchmarks/arctic_overlay.py)")
     ap.add_argument("--preload", action=argparse.BooleanOptionalAction, default=True,
                     help="LD_PRELOAD Intel OpenMP / tcmalloc for the workers, as run.sh does (default on)")
+    ap.add_argument("--engine-process", choices=("separate", "same"), default="separate",
+                    help="where each method's engine core runs: 'separate' (vLLM's default for LLM(...): its own "
+                         "process, VLLM_ENABLE_V1_MULTIPROCESSING=1) or 'same' (in the worker's process, =0; on "
+                         "CPU this also keeps the in-process executor, as `flexdraft-vllm serve` does)")
     ap.add_argument("--nice", type=int, default=0, help="run workers under `nice -n N`")
     ap.add_argument("--fresh", action="store_true", help="discard stored cells of this --name and start over")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

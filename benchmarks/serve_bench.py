@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--suffix-config", type=json.loads, default=None)
     ap.add_argument("--suffix-pythonpath", default=None)
     ap.add_argument("--preload", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--engine-process", choices=("separate", "same"), default="separate",
+                    help="the server's engine core in its own process (vLLM's default) or in the API server's "
+                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     ap.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--level-timeout", type=float, default=3600, help="seconds one `bench serve` level may take")
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
               "prompt_sha256": hashlib.sha256(json.dumps(raw).encode()).hexdigest()[:16],
               "max_tokens": args.max_tokens, "min_requests": args.min_requests, "rounds": args.rounds,
               "ignore_eos": args.ignore_eos, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
-              "kv_cache_gib": args.kv_gib, "prefix_caching": args.prefix_caching, "temperature": 0.0}
+              "kv_cache_gib": args.kv_gib, "prefix_caching": args.prefix_caching,
+              "engine_process": args.engine_process, "temperature": 0.0}
     results = None if args.fresh else report.load_results(res_path)
     if results is not None:
         diff = report.config_differences(results["config"], config)

@@ -110,9 +110,13 @@ def test_finish_method_marks_unrun_cells_and_finds_the_reason(tmp_path):
 
 
 def test_engine_env_is_identical_for_every_method():
-    a = argparse.Namespace(kv_gib=2.0, preload=False)
+    a = argparse.Namespace(kv_gib=2.0, preload=False, engine_process="separate")
     env = offline_sweep._engine_env(a)
     assert env["FLEXDRAFT_KV_GIB"] == "2.0" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    a.engine_process = "same"  # set, not defaulted: an inherited VLLM_ENABLE_V1_MULTIPROCESSING must not win
+    assert offline_sweep._engine_env(a)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    for script in (offline_sweep, serve_bench):
+        assert script.build_parser().parse_args([]).engine_process == "separate"
 
 
 # ---- serve_bench -----------------------------------------------------------------------------
