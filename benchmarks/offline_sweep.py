@@ -10,6 +10,7 @@ Methods (--methods, comma-separated; default all):
   flexdraft-parallel    FlexDraft, parallel mode only
   flexdraft-sequential  FlexDraft, sequential mode only
   flexdraft-flex        FlexDraft, the flex policy
+  flexdraft-lookup      FlexDraft flex plus prompt lookup (prompt_lookup_max=4, ours)
 
 Each method runs in its own worker process with one engine (identical engine
 settings from flexdraft_vllm.engine_defaults for all methods); the worker runs
@@ -91,6 +92,10 @@ def method_engine_kwargs(method: str, base: dict[str, Any], ngram: dict[str, Any
         kw["speculative_config"] = dict(ngram or NGRAM_DEFAULT)
     elif method == "suffix":
         kw["speculative_config"] = dict(suffix or SUFFIX_DEFAULT)
+    elif method == "flexdraft-lookup":  # flex plus prompt lookup (lookup.py), vLLM ngram's n-gram range
+        from flexdraft_vllm.vllm_integration.speculative import flexdraft_engine_kwargs
+
+        kw.update(flexdraft_engine_kwargs(mode="flex", prompt_lookup_max=4, prompt_lookup_min=2))
     elif method.startswith("flexdraft-"):
         from flexdraft_vllm.vllm_integration.speculative import flexdraft_engine_kwargs
 

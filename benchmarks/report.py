@@ -39,7 +39,7 @@ RESULTS_ROOT = BENCH_DIR / "results"
 FORMAT_VERSION = 1
 BASELINE = "plain"
 METHOD_ORDER = ["plain", "ngram", "suffix", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
-                "flexdraft-off"]
+                "flexdraft-lookup", "flexdraft-off"]
 # flexdraft-off (FlexDraft loaded, never drafts) isolates the fixed cost of vLLM's
 # speculative-decoding path; a diagnostic, not part of the default sweep.
 DIAGNOSTIC_METHODS = ["flexdraft-off"]

@@ -71,8 +71,15 @@ class FlexDraftConfig:
     # float32 on hardware with fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs),
     # else the target's dtype.
     draft_dtype: DraftDtype = "auto"
+    # prompt lookup beside FlexDraft (ours, opt-in; 0 = off): a request whose
+    # last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) occurred
+    # earlier in its prompt or output takes the tokens that followed them as
+    # drafts instead of the mask block's (vllm_integration/lookup.py).
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 2
 
-    RUNTIME_FIELDS = ("mode", "verify_rule", "tau", "min_confidence", "max_verify", "max_parallel_groups", "draft_dtype")
+    RUNTIME_FIELDS = ("mode", "verify_rule", "tau", "min_confidence", "max_verify", "max_parallel_groups", "draft_dtype",
+                      "prompt_lookup_max", "prompt_lookup_min")
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -111,6 +118,14 @@ class FlexDraftConfig:
             bad(f"max_parallel_groups={self.max_parallel_groups} must be >= 1")
         if self.draft_dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad(f"draft_dtype={self.draft_dtype!r}: use auto, float32, bfloat16 or float16")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            if not is_int(getattr(self, name)):
+                bad(f"{name}={getattr(self, name)!r} must be an integer")
+        if self.prompt_lookup_min < 1:
+            bad(f"prompt_lookup_min={self.prompt_lookup_min} must be >= 1")
+        if self.prompt_lookup_max and self.prompt_lookup_max < self.prompt_lookup_min:
+            bad(f"prompt_lookup_max={self.prompt_lookup_max} must be 0 (off) or >= "
+                f"prompt_lookup_min={self.prompt_lookup_min}")
         if self.calibrator not in ("tied", "full"):
             bad(f"calibrator={self.calibrator!r}: use tied or full")
         if self.calib_anchor not in ("bonus", "chain"):

@@ -42,7 +42,7 @@ from flexdraft_vllm.config import FlexDraftConfig, FlexDraftConfigError
 from flexdraft_vllm.reference.confidence import VerifyCut
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_kernels.rejection_sampler import calibrated_drafts
-from flexdraft_vllm.vllm_integration import cost_model, cpu_gemm, paged_kv
+from flexdraft_vllm.vllm_integration import cost_model, cpu_gemm, lookup, paged_kv
 from flexdraft_vllm.vllm_integration.draft_view import DraftPrecisionView, resolve_draft_dtype
 from flexdraft_vllm.vllm_integration.options import check_vllm_config, runs_eagerly
 from flexdraft_vllm.vllm_integration.parallel import MaskStream, pick_groups, plan_groups
@@ -82,6 +82,7 @@ class FlexDraftProposer:
         self._building: MaskStream | None = None  # mask groups inside the running forward
         self._stream: MaskStream | None = None  # the finished step's mask groups
         self.parallel_blocks = 0  # groups computed in verify forwards (observability)
+        self.lookup_requests = 0  # request-steps drafted by prompt lookup (observability)
         # FLEXDRAFT_RECORD_DRAFTS=N:FILE appends the first N (prefix, drafts,
         # confidences) to FILE as JSON lines, for tests that check the paged draft
         # pass against the reference (a file, not an RPC: it works however the
@@ -124,6 +125,8 @@ class FlexDraftProposer:
             for l in self.config.deep_layers:  # hooks on this engine's module instances
                 self.view.layers[l].register_forward_hook(self._hook_for(l))
         self.policy = self._make_policy()
+        if self.config.prompt_lookup_max:  # compile vLLM's numba matcher now, not in the first decode step
+            lookup.lookup_drafts(np.zeros(8, dtype=np.int32), 1, 2, 1, self.max_model_len)
         logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s, drafts in %s)",
                     self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode,
                     str(dtype).removeprefix("torch."))
@@ -246,12 +249,15 @@ class FlexDraftProposer:
         t0 = time.perf_counter()
         ntok = runner.input_batch.num_tokens_no_spec
         K = min(self.config.block_size - 1, self.max_drafts)
+        max_len = min(self.max_drafts, dec.max_drafts)
+        looked = self._lookup(runner, live, ntok, max_len, drafts)  # requests drafted by prompt lookup
         # parallel: the group of the actual outcome; its slot 0 must sit on the new bonus
         par_rows, par_groups = ([], []) if stream is None or stream.normed is None else pick_groups(stream.plan, sampled_token_ids)
         group_ctx = stream.plan.group_ctx.reshape(-1) if par_rows else None  # host copy: no device sync per row
-        keep = [j for j, (i, g) in enumerate(zip(par_rows, par_groups)) if int(group_ctx[g]) == int(ntok[i]) - 1]
+        keep = [j for j, (i, g) in enumerate(zip(par_rows, par_groups))
+                if int(group_ctx[g]) == int(ntok[i]) - 1 and i not in looked]
         par_rows, par_groups = [par_rows[j] for j in keep], [par_groups[j] for j in keep]
-        done = set(par_rows)
+        done = set(par_rows) | looked
         # room for drafts: positions up to max_model_len - 1 (the bonus sits at ctx)
         seq_rows = [i for i in live if i not in done and int(ntok[i]) + 1 < self.max_model_len]
         parts = []
@@ -265,7 +271,6 @@ class FlexDraftProposer:
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
             bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
-            max_len = min(self.max_drafts, dec.max_drafts)
             cut = VerifyCut(self.config.verify_rule, self.config.tau, self.config.min_confidence, max_len)
             logits = self.drafter.block_logits(self.mask_view, torch.cat(parts), bonus, cut=cut)  # [N, K'<=K, K_vocab]
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
@@ -282,6 +287,23 @@ class FlexDraftProposer:
         self.draft_seconds += self._draft_s
         self._maybe_log()
         return drafts
+
+    def _lookup(self, runner, live: list[int], ntok, max_len: int, drafts: list[list[int]]) -> set[int]:
+        """Prompt lookup (config.prompt_lookup_max > 0, lookup.py): fills drafts[i]
+        for the live requests whose recent tokens occurred before; returns them."""
+        cfg = self.config
+        if not cfg.prompt_lookup_max:
+            return set()
+        tok = runner.input_batch.token_ids_cpu
+        found = set()
+        for i in live:
+            d = lookup.lookup_drafts(tok[i, : int(ntok[i])], cfg.prompt_lookup_min, cfg.prompt_lookup_max,
+                                     max_len, self.max_model_len - 1)  # the last draft must fit below max_model_len
+            if len(d):
+                drafts[i] = d.tolist()
+                found.add(i)
+        self.lookup_requests += len(found)
+        return found
 
     def _record(self, runner, rows, ids, conf, n, par_groups: list[int]) -> None:
         """rows: the parallel rows (their group index in par_groups) then the sequential ones."""
@@ -354,5 +376,7 @@ class FlexDraftProposer:
         if time.monotonic() < self._log_at:
             return
         self._log_at = time.monotonic() + 30.0
-        logger.info("FlexDraft: policy %s, draft pass %.1f s total, %d mask groups in verify forwards",
-                    self.policy.summary() if self.policy else None, self.draft_seconds, self.parallel_blocks)
+        logger.info("FlexDraft: policy %s, draft pass %.1f s total, %d mask groups in verify forwards, "
+                    "%d request-steps drafted by prompt lookup",
+                    self.policy.summary() if self.policy else None, self.draft_seconds, self.parallel_blocks,
+                    self.lookup_requests)
