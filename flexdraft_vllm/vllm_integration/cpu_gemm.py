@@ -37,7 +37,9 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W^T (+ b), W packed once for oneDNN. Frozen: inference only."""
+    """y = x @ W^T (+ b), W packed once for oneDNN. Frozen, inference only: the
+    packed copy is taken here, so a later change to .weight (load_state_dict)
+    is not seen; pack after loading."""
 
     def __init__(
         self,

@@ -9,9 +9,13 @@ the draft pass; every other request is drafted by FlexDraft as before. Drafts
 are proposals only: the output is unchanged either way (vLLM verifies them
 against the target, one-hot, as all FlexDraft drafts).
 
-Rule (vLLM's ngram proposer, whose matcher is reused): the longest n in
-[min_n, max_n] for which the last n tokens occur earlier; among equal n the
-earliest occurrence; drafts are the (up to) k tokens after it.
+Rule (vLLM's ngram proposer's): the longest n in [min_n, max_n] for which
+the last n tokens occur earlier (overlaps allowed); among equal n the earliest
+occurrence; drafts are the (up to) k tokens after it, no more than fit below
+max_model_len. Not vLLM's numba matcher itself: importing numba/llvmlite into
+the engine process breaks vLLM 0.32's kernel-override scan
+(triton_utils.dispatcher._rebind_kernels trips over llvmlite's library
+proxy) for any engine started later in the same process.
 """
 
 from __future__ import annotations
@@ -26,12 +30,28 @@ def lookup_drafts(
     k: int,
     max_model_len: int,
 ) -> np.ndarray:  # [<= k] drafts (empty: no match)
-    from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens
-
     assert 1 <= min_n <= max_n and k >= 0
-    return _find_longest_matched_ngram_and_propose_tokens(
-        origin_tokens=np.ascontiguousarray(tokens), min_ngram=min_n, max_ngram=max_n,
-        max_model_len=max_model_len, k=k)
+    t = np.asarray(tokens)
+    L = t.shape[0]
+    k = min(k, max_model_len - L)
+    if L < max(2, min_n) or k <= 0:
+        return t[:0]
+    ends = np.flatnonzero(t[: L - 1] == t[L - 1])  # earlier positions of the last token: candidate match ends
+    if ends.size == 0:
+        return t[:0]
+    n = np.ones(ends.size, dtype=np.int64)  # match length ending at each candidate, grown backwards
+    alive = np.ones(ends.size, dtype=bool)
+    for j in range(1, max_n):
+        at = ends - j
+        alive &= (at >= 0) & (t[np.maximum(at, 0)] == t[L - 1 - j])
+        if not alive.any():
+            break
+        n += alive
+    best = int(n.max())
+    if best < min_n:
+        return t[:0]
+    e = int(ends[np.argmax(n == best)])  # the earliest of the longest
+    return t[e + 1 : e + 1 + k]
 
 
 def lookup_drafts_ref(tokens: np.ndarray, min_n: int, max_n: int, k: int, max_model_len: int) -> np.ndarray:

@@ -125,8 +125,6 @@ class FlexDraftProposer:
             for l in self.config.deep_layers:  # hooks on this engine's module instances
                 self.view.layers[l].register_forward_hook(self._hook_for(l))
         self.policy = self._make_policy()
-        if self.config.prompt_lookup_max:  # compile vLLM's numba matcher now, not in the first decode step
-            lookup.lookup_drafts(np.zeros(8, dtype=np.int32), 1, 2, 1, self.max_model_len)
         logger.info("FlexDraft drafter loaded from %s (split layer %d, block %d, mode %s, drafts in %s)",
                     self.drafter_path, self.config.split_layer, self.config.block_size, self.config.mode,
                     str(dtype).removeprefix("torch."))

@@ -1,5 +1,6 @@
-"""Prompt lookup beside FlexDraft (vllm_integration.lookup): vLLM's n-gram
-matcher against a brute-force statement of the rule, and the config checks."""
+"""Prompt lookup beside FlexDraft (vllm_integration.lookup): the vectorised
+matcher against a brute-force statement of vLLM's ngram rule, and the config
+checks."""
 
 from __future__ import annotations
 
