@@ -107,9 +107,9 @@ class _DraftLayer:
 
 class DraftPrecisionView:
     def __init__(self, view, deep_layers: range, dtype: torch.dtype, packed: bool = False):
-        """packed (CPU, cpu_gemm.available): the MLP copies and the mask projectors'
-        q/k/v (one fused weight each) through vLLM's prepacked GEMM, norms
-        through its rms_norm op. Fewer, larger ops: at a handful of rows the mask
+        """packed (CPU, cpu_gemm.available): the MLP copies and, after fuse_qkv,
+        the mask projectors' q/k/v (one fused weight each) through vLLM's
+        prepacked GEMM, norms through its rms_norm op. Fewer, larger ops: at a handful of rows the mask
         path's time is mostly per-op overhead."""
         self.base = view
         self.dtype = dtype
@@ -118,7 +118,7 @@ class DraftPrecisionView:
         self.layers = {l: _DraftLayer(view.layers[l], cfg.hidden_size, cfg.intermediate_size, dtype, packed)
                        for l in deep_layers}
         self.norm = _Norm(view.norm, dtype, fused=packed)
-        self._qkv: dict[int, tuple] = {}  # id(projector) -> (projector, fused q/k/v matmul, split sizes)
+        self._qkv: dict[nn.Module, tuple] = {}  # projector -> (fused q/k/v matmul, split sizes); fuse_qkv fills it
         self.lm_head_weight = view.lm_head_weight  # the drafter slices and casts its rows once
 
     @property
@@ -128,8 +128,9 @@ class DraftPrecisionView:
     def project_qkv(self, proj: nn.Module, x: torch.Tensor, positions: torch.Tensor):
         """q [n, Hq, D], k/v [n, Hkv, D] in dtype; RoPE in the cos/sin cache's dtype (float32)."""
         b, n = self.base, x.shape[0]
-        if self.packed:
-            q, k, v = self._fused_qkv(proj, x)
+        fused = self._qkv.get(proj)
+        if fused is not None:
+            q, k, v = fused[0](x).split(fused[1], dim=-1)
         else:
             q, k, v = proj.q_proj(x), proj.k_proj(x), proj.v_proj(x)
         if proj.q_norm is not None:
@@ -139,17 +140,15 @@ class DraftPrecisionView:
         return (q.view(n, b.num_heads, b.head_dim).to(self.dtype), k.view(n, b.num_kv_heads, b.head_dim).to(self.dtype),
                 v.view(n, b.num_kv_heads, b.head_dim))
 
-    def _fused_qkv(self, proj: nn.Module, x: torch.Tensor):
-        """q, k, v from one packed GEMM over the projector's stacked weights.
-        Built on first use; the projectors are frozen once the proposer loads."""
-        entry = self._qkv.get(id(proj))
-        if entry is None or entry[0] is not proj:
+    def fuse_qkv(self, projectors) -> None:
+        """With `packed`: each mask projector's q, k, v as one packed GEMM over
+        their stacked weights. Called once the projectors are loaded (frozen)."""
+        assert self.packed, "fused q/k/v runs through the packed CPU GEMM"
+        for proj in projectors:
             mods = (proj.q_proj, proj.k_proj, proj.v_proj)
             bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods]).to(self.dtype)
             w = torch.cat([m.weight.detach().to(self.dtype) for m in mods])
-            entry = (proj, cpu_gemm.PackedLinear(w, bias), [m.weight.shape[0] for m in mods])
-            self._qkv[id(proj)] = entry
-        return entry[1](x).split(entry[2], dim=-1)
+            self._qkv[proj] = (cpu_gemm.PackedLinear(w, bias), [m.weight.shape[0] for m in mods])
 
     def mlp_block(self, layer: _DraftLayer, h: torch.Tensor) -> torch.Tensor:
         return h + layer.mlp(layer.post_attention_layernorm(h))

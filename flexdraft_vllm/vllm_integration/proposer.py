@@ -120,6 +120,8 @@ class FlexDraftProposer:
                           else DraftPrecisionView(self.view, self.config.deep_layers, dtype, packed=packed))
         if packed:
             cpu_gemm.pack_linears(self.drafter)  # tuned projectors, calibrator
+            if self.mask_view is not self.view:
+                self.mask_view.fuse_qkv(self.drafter.mask_attn)
             self.drafter.head_matmul = cpu_gemm.PackedLinear(self.drafter.head_weight(self.mask_view))
         if self.parallel_ok:
             for l in self.config.deep_layers:  # hooks on this engine's module instances

@@ -108,6 +108,7 @@ def test_bfloat16_drafts_stay_close(setup, packed):
     d16 = copy.deepcopy(drafter).to(torch.bfloat16)
     if packed:
         assert cpu_gemm.pack_linears(d16) > 0
+        low.fuse_qkv(d16.mask_attn)
         d16.head_matmul = cpu_gemm.PackedLinear(d16.head_weight(low))
     got = _draft(d16, low, kv, ctx, bonus)
     assert d16.head_weight(low).dtype == torch.bfloat16
