@@ -66,19 +66,27 @@ class CostModel:
         """Weight work of a full forward plus logits over `rows` rows."""
         return self.num_layers * self._at(self.layer_s, rows) + self._at(self.head_s, rows)
 
-    def step_s(self, arm: str, batch: int, drafts: float = 0.0, groups: float = 1.0) -> float:
+    def step_s(self, arm: str, batch: int, drafts: float = 0.0, groups: float = 1.0,
+               masked: float | None = None) -> float:
         """Modelled weight work of one step of `batch` decoding requests.
 
         drafts: mean drafts verified per request (0 for "off"); groups: mask
-        groups per request riding in the verify forward (parallel only).
+        groups per request riding in the verify forward (parallel only);
+        masked: requests that run mask blocks (default: all of them; fewer when
+        some took prompt-lookup drafts, which need no draft pass).
         """
         t = self.forward_s(batch * (1.0 + drafts))
-        if arm == "off":
+        masked = batch if masked is None else masked
+        if arm == "off" or masked <= 0:
             return t
-        masks = batch * self.block_size * (groups if arm == "parallel" else 1.0)
+        masks = masked * self.block_size * (groups if arm == "parallel" else 1.0)
         draft_head = self.head_s if self.draft_head_s is None else self.draft_head_s
         mask_layer = self.layer_s if self.mask_layer_s is None else self.mask_layer_s
-        return t + self.num_deep * self._at(mask_layer, masks) + self._at(draft_head, batch * (self.block_size - 1))
+        return t + self.num_deep * self._at(mask_layer, masks) + self._at(draft_head, masked * (self.block_size - 1))
+
+    def row_s(self, rows: float) -> float:
+        """Weight work one more row adds to a forward of `rows` rows (a verified draft)."""
+        return self.forward_s(rows + 1) - self.forward_s(rows)
 
 
 def _time(fn: Callable[[], object], min_s: float = 0.01, max_reps: int = 20) -> float:

@@ -20,18 +20,26 @@ n decoding requests:
 where model() is the start-up cost model (cost_model.py: the weight work of
 the extra rows, measured on this machine) and c[arm] >= 0 corrects it with
 what drafting steps actually took (overheads the model does not see: the
-draft pass's Python, attention gathers). Acceptance is learned from every
-verified draft, shared by all batch sizes (it is a property of the drafter
-and the text, not of the batch); step times are kept per batch bucket (powers
-of two). The policy picks the best prediction, so an arm the model shows to
-lose is never tried at that batch size, e.g. drafting at a compute-bound
-batch 64 with a weak drafter.
+draft pass's Python, attention gathers). Acceptance is a property of the
+drafter and the text, not of the batch, and it differs between requests (code
+that repeats itself against free chat): it is learned per request, starting
+from the estimate over all requests and replaced by the request's own verified
+steps after a few of them; a batch is predicted from the mean of its
+requests' estimates (at batch 1, exactly the running request's). Step times
+are kept per batch bucket (powers of two). The policy picks the best
+prediction, so an arm the model shows to lose is never tried at that batch
+size, e.g. drafting at a compute-bound batch 64 with a weak drafter.
+
+Prompt-lookup drafts (opt-in, lookup.py) have their own estimates and need no
+draft pass: each lookup draft is verified while its expected tokens pay for
+its verify row (`lookup_cap`), whatever arm FlexDraft's own drafts take.
 
 Staying current costs little: while drafting wins, every `explore_every`-th
-step runs plain to refresh T_off; while "off" wins, a sequential probe runs
-at most once per `explore_every` steps and only as often as keeps its
-predicted loss under `probe_budget` of the time, so acceptance keeps being
-measured (a more predictable workload is noticed) without a measurable cost.
+step runs plain (no lookup drafts either) to refresh T_off; while "off" wins,
+a sequential probe runs as often as keeps its predicted loss under
+`probe_budget` of the time (at most every `probe_every` steps), so acceptance
+keeps being measured (a more predictable request or workload is noticed)
+without a measurable cost; near break-even that is often.
 
 The decision made at step t is scored by the step t+1 it shapes (that step
 verifies t's drafts), which is how `observe` attributes measurements.
@@ -58,8 +66,9 @@ def bucket_of(num_reqs: int) -> int:
 
 @dataclass(frozen=True)
 class Decision:
-    arm: str  # one of ARMS
-    max_drafts: int  # drafts per request at most (0 when arm == "off")
+    arm: str  # one of ARMS: how FlexDraft drafts for the next step
+    max_drafts: int  # FlexDraft drafts per request at most (0 when arm == "off")
+    lookup: bool = True  # prompt-lookup drafts allowed (False: a true plain step, e.g. a T_off refresh)
 
 
 class Acceptance:
@@ -80,6 +89,14 @@ class Acceptance:
         self.rate = rate
         self.prior_weight = prior_weight
         self.requests = 0
+
+    @classmethod
+    def shrunk_to(cls, prior: "Acceptance", rate: float, prior_weight: int) -> "Acceptance":
+        """A new estimate that starts as `prior` (e.g. one request's estimate
+        starting from its source's), worth `prior_weight` outcomes."""
+        acc = cls(len(prior.accepted), rate=rate, prior_weight=prior_weight)
+        acc.proposed, acc.accepted = list(prior.proposed), list(prior.accepted)
+        return acc
 
     def update(self, outcomes) -> None:
         """outcomes: (drafts proposed, drafts accepted) per request that drafted."""
@@ -102,6 +119,18 @@ class Acceptance:
         return sum(self.proposed[:k])
 
 
+def mean_of(estimates: list[Acceptance]) -> Acceptance:
+    """The batch's estimate: per-position means of its requests' estimates (so
+    tokens(k) and drafts(k) are per-request means over the batch)."""
+    if len(estimates) == 1:
+        return estimates[0]
+    out = Acceptance(len(estimates[0].accepted))
+    n = float(len(estimates))
+    out.proposed = [sum(col) / n for col in zip(*(e.proposed for e in estimates))]
+    out.accepted = [sum(col) / n for col in zip(*(e.accepted for e in estimates))]
+    return out
+
+
 @dataclass
 class _Ema:
     value: float | None = None
@@ -119,35 +148,47 @@ class FlexPolicy:
     cost: CostModel | None = None  # required for mode "flex"
     allow_parallel: bool = True  # False where the model cannot host mask rows (compiled graphs)
     max_groups: int | None = None  # cap on G in parallel mode
-    explore_every: int = 50
+    explore_every: int = 50  # while drafting wins, every explore_every-th step is plain (refreshes T_off)
+    probe_every: int = 4  # while off wins, probes at most this often, however cheap they are predicted to be
     probe_budget: float = 0.01
     replan_every: int = 8  # steps a ranking is reused while nothing was verified (keeps "off" steps cheap)
     alpha: float = 0.2
+    request_rate: float = 0.1  # a request's own estimate: EMA over ~1/request_rate of its verified steps
+    request_prior: int = 4  # ... starting from its source's estimate, worth this many of its outcomes
     clock: callable = time.perf_counter
-    acceptance: Acceptance | None = None
+    acceptance: Acceptance | None = None  # FlexDraft's drafts, over all requests
+    lookup: Acceptance | None = None  # prompt-lookup drafts, over all requests
+    per_request: dict = field(default_factory=dict)  # (source, request id) -> Acceptance
     t_off: dict = field(default_factory=dict)  # bucket -> _Ema of plain step seconds
     corr: dict = field(default_factory=dict)  # (arm, bucket or None) -> _Ema of measured/modelled extra time
     steps: int = 0
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
-    _last: tuple | None = None  # (time, num_reqs, decision, mean drafts modelled) of the previous decision
-    _plans: dict = field(default_factory=dict)  # num_reqs -> (step, acceptance.requests, ranking)
+    _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests]
+    _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
+    _live: tuple = ()  # the request ids of the last decision
+    _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans)
 
     def __post_init__(self):
         if self.mode == "flex" and self.cost is None:
             raise ValueError("the flex policy needs a cost model")
         if self.acceptance is None:
             self.acceptance = Acceptance(self.max_drafts)
+        if self.lookup is None:
+            self.lookup = Acceptance(self.max_drafts, prior=0.7)
 
     @property
     def candidates(self) -> tuple[str, ...]:
         return tuple(a for a in DRAFTING if a != "parallel" or self.allow_parallel)
 
     # ---- measurements -----------------------------------------------------------------
-    def observe(self, tokens_emitted: int, outcomes=(), step_s: float | None = None) -> None:
+    def observe(self, tokens_emitted: int, outcomes=(), step_s: float | None = None, lookup_outcomes=()) -> None:
         """Score the previous decision with the step that just finished.
 
-        outcomes: (proposed, accepted) drafts per request that the finished step verified.
+        outcomes: (proposed, accepted) FlexDraft drafts per request that the
+          finished step verified, optionally (proposed, accepted, request id):
+          with the id the request's own estimate learns too.
+        lookup_outcomes: the same for prompt-lookup drafts (their own estimates).
         step_s: what the decision cost, measured by the engine: the busy time of
           the step that just finished (forward + sampling) plus the draft pass
           that followed the decision. None: wall time since the decision (this
@@ -157,23 +198,46 @@ class FlexPolicy:
           "plain step" estimates seconds long.
         """
         now = self.clock()
-        self.acceptance.update(outcomes)
+        self._learn("draft", self.acceptance, outcomes)
+        self._learn("lookup", self.lookup, lookup_outcomes)
         if self._last is not None and tokens_emitted > 0:
-            t0, n, dec, d = self._last
+            t0, n, dec, d, masked = self._last
             dt, b = (now - t0) if step_s is None else step_s, bucket_of(n)
-            if dt > 0 and dec.arm == "off":
+            if dt > 0 and dec.arm == "off" and d == 0:  # a true plain step (no lookup drafts either)
                 self.t_off.setdefault(b, _Ema()).update(dt, self.alpha)
-            elif dt > 0 and self.cost is not None and b in self.t_off:
-                extra = self._model_extra(dec.arm, n, d)
+            elif dt > 0 and dec.arm != "off" and masked > 0 and self.cost is not None and b in self.t_off:
+                extra = self._model_extra(dec.arm, n, d, masked)
                 if extra > 0:
                     ratio = min(max((dt - self.t_off[b].value) / extra, 0.1), 50.0)
                     for key in ((dec.arm, b), (dec.arm, None)):
                         self.corr.setdefault(key, _Ema()).update(ratio, self.alpha)
         self._last = None
 
-    def _model_extra(self, arm: str, n: int, d: float) -> float:
+    def _learn(self, source: str, overall: Acceptance, outcomes) -> None:
+        outcomes = [o for o in outcomes if o[0] > 0]
+        if not outcomes:
+            return
+        overall.update(o[:2] for o in outcomes)
+        for o in outcomes:
+            if len(o) > 2:
+                key = (source, o[2])
+                acc = self.per_request.get(key)
+                if acc is None:
+                    acc = self.per_request[key] = Acceptance.shrunk_to(overall, self.request_rate, self.request_prior)
+                acc.update([o[:2]])
+        self._version += 1
+
+    def drafted(self, drafts: int, masked: int) -> None:
+        """What the last decision actually scheduled: `drafts` drafts in all
+        (FlexDraft's and prompt lookup's) and `masked` requests that ran mask
+        blocks. Its step time is then scored against these, not the forecast."""
+        if self._last is not None:
+            n = max(self._last[1], 1)
+            self._last[3], self._last[4] = drafts / n, masked
+
+    def _model_extra(self, arm: str, n: int, d: float, masked: float | None = None) -> float:
         groups = min(d + 1.0, self.max_groups or d + 1.0)
-        return self.cost.step_s(arm, n, d, groups) - self.cost.step_s("off", n)
+        return self.cost.step_s(arm, n, d, groups, masked) - self.cost.step_s("off", n)
 
     def _corr(self, arm: str, b: int) -> float:
         for key in ((arm, b), (arm, None)):
@@ -182,62 +246,104 @@ class FlexPolicy:
                 return e.value
         return 1.0
 
-    def predict(self, num_reqs: int) -> list[tuple[float, float, Decision]]:
+    def estimate(self, req_ids=None) -> Acceptance:
+        """FlexDraft's acceptance for this batch: the mean of its requests' own
+        estimates (a request not yet verified counts with the overall one)."""
+        if not req_ids or not self.per_request:
+            return self.acceptance
+        return mean_of([self.per_request.get(("draft", r), self.acceptance) for r in req_ids])
+
+    def predict(self, num_reqs: int, req_ids=None) -> list[tuple[float, float, Decision]]:
         """(goodput tok/s, step seconds, decision) for every option at this batch, best first."""
         b = bucket_of(num_reqs)
         t0 = self.t_off[b].value
+        acc = self.estimate(req_ids)
         out = [(num_reqs / t0, t0, Decision("off", 0))]
         for arm in self.candidates:
             c = self._corr(arm, b)
             for k in range(1, self.max_drafts + 1):
-                t = t0 + c * self._model_extra(arm, num_reqs, self.acceptance.drafts(k))
-                out.append((num_reqs * self.acceptance.tokens(k) / t, t, Decision(arm, k)))
+                t = t0 + c * self._model_extra(arm, num_reqs, acc.drafts(k))
+                out.append((num_reqs * acc.tokens(k) / t, t, Decision(arm, k)))
         return sorted(out, key=lambda x: -x[0])
 
+    def lookup_cap(self, num_reqs: int, req_id=None) -> int:
+        """Prompt-lookup drafts worth verifying for one request: draft j is kept
+        while what it is expected to add (its acceptance given it was proposed,
+        times the plain step's time per token) pays for its verify row (the cost
+        model's row, scaled as the measured plain step is to the modelled one).
+        Lookup drafts need no draft pass, so that row is their whole cost."""
+        b = bucket_of(num_reqs)
+        if self.mode != "flex" or b not in self.t_off:
+            return self.max_drafts
+        t0 = self.t_off[b].value
+        row = self.cost.row_s(num_reqs) * t0 / max(self.cost.step_s("off", num_reqs), 1e-9)
+        acc = self.per_request.get(("lookup", req_id), self.lookup)
+        k = 0
+        while k < self.max_drafts and acc.accepted[k] / max(acc.proposed[k], 1e-3) * t0 / num_reqs >= row:
+            k += 1
+        return k
+
     # ---- decisions ----------------------------------------------------------------------
-    def decide(self, num_reqs: int) -> Decision:
-        """The arm and verify-length cap for the next step."""
+    def decide(self, num_reqs: int, req_ids=None) -> Decision:
+        """The arm and verify-length cap for the next step.
+
+        req_ids: the ids of the num_reqs requests; with them the decision uses
+        their own acceptance estimates (and forgets requests that left)."""
         self.steps += 1
         self._since_draft += 1
+        if req_ids is not None:
+            self._track(tuple(req_ids))
         if self.mode != "flex":
-            dec = Decision(self.mode, 0 if self.mode == "off" else self.max_drafts)
+            dec = Decision(self.mode, 0 if self.mode == "off" else self.max_drafts, lookup=self.mode != "off")
         else:
-            dec = self._flex(num_reqs)
+            dec = self._flex(num_reqs, req_ids)
         if dec.arm != "off":
             self._since_draft = 0
         self.chosen[dec.arm] += 1
-        self._last = (self.clock(), num_reqs, dec, self.acceptance.drafts(dec.max_drafts))
+        d = self.estimate(req_ids).drafts(dec.max_drafts) if dec.arm != "off" else 0.0
+        self._last = [self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0]
         return dec
 
-    def _ranked(self, n: int) -> list[tuple[float, float, Decision]]:
+    def _track(self, live: tuple) -> None:
+        if live == self._live:
+            return
+        self._live = live
+        self._version += 1
+        if len(self.per_request) > 4 * len(live) + 16:  # forget requests that finished
+            keep = set(live)
+            self.per_request = {k: v for k, v in self.per_request.items() if k[1] in keep}
+
+    def _ranked(self, n: int, req_ids=None) -> list[tuple[float, float, Decision]]:
         """predict(n), reused for up to `replan_every` steps while no draft was
-        verified: the inputs then only move by EMA noise, and re-ranking 2 arms x
-        k options every step is the largest Python cost of an "off" step."""
+        verified and the batch kept its requests: the inputs then only move by
+        EMA noise, and re-ranking 2 arms x k options every step is the largest
+        Python cost of an "off" step."""
         hit = self._plans.get(n)
-        if hit is not None and self.steps - hit[0] < self.replan_every and hit[1] == self.acceptance.requests:
+        if hit is not None and self.steps - hit[0] < self.replan_every and hit[1] == self._version:
             return hit[2]
-        ranked = self.predict(n)
-        self._plans[n] = (self.steps, self.acceptance.requests, ranked)
+        ranked = self.predict(n, req_ids)
+        self._plans[n] = (self.steps, self._version, ranked)
         return ranked
 
-    def _flex(self, n: int) -> Decision:
+    def _flex(self, n: int, req_ids=None) -> Decision:
         b = bucket_of(n)
         if b not in self.t_off or self.t_off[b].n < 2:
-            return Decision("off", 0)  # measure the baseline first: plain steps are safe
-        ranked = self._ranked(n)
+            return Decision("off", 0, lookup=False)  # measure the baseline first: plain steps are safe
+        ranked = self._ranked(n, req_ids)
         g_off, t_off = n / self.t_off[b].value, self.t_off[b].value
         g_best, _, best = ranked[0]
         if best.arm != "off":
             # drafting wins: now and then a plain step keeps T_off current
-            return Decision("off", 0) if self.steps % self.explore_every == 0 else best
+            return Decision("off", 0, lookup=False) if self.steps % self.explore_every == 0 else best
         # off wins: probe with the best sequential option, rarely enough that the
-        # predicted loss stays under probe_budget of the time
+        # predicted loss stays under probe_budget of the time (often when it is
+        # near break-even, so a request whose drafts do better is noticed)
         probe = next(((g, t, d) for g, t, d in ranked if d.arm == "sequential"), None)
         if probe is None:
             return best
         g_p, t_p, dec = probe
-        loss = t_p * (1.0 - g_p / g_off)  # seconds lost vs plain for the same tokens
-        interval = max(self.explore_every, math.ceil(loss / (t_off * self.probe_budget)))
+        loss = max(0.0, t_p * (1.0 - g_p / g_off))  # seconds lost vs plain for the same tokens
+        interval = max(self.probe_every, math.ceil(loss / (t_off * self.probe_budget)))
         return dec if self._since_draft >= interval else best
 
     def summary(self) -> dict:
@@ -249,4 +355,5 @@ class FlexPolicy:
             "cost_correction": {a: round(e.value, 2) for (a, b), e in self.corr.items() if b is None},
             "tokens_per_request_step": round(acc.tokens(self.max_drafts), 3),
             "accepted_per_position": [round(x, 3) for x in acc.accepted],
+            "lookup_accepted_per_position": [round(x, 3) for x in self.lookup.accepted],
         }

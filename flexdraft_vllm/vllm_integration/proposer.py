@@ -23,7 +23,8 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
 
 Invariants: the target's weights and real-token K/V are only read; mask K/V
 live in temporaries; a request gets no drafts when its prefill is unfinished,
-when the policy says "off", or when drafts would pass max_model_len.
+when the policy says "off" (prompt-lookup drafts aside, when enabled), or when
+drafts would pass max_model_len.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class FlexDraftProposer:
         self.parallel_ok = runs_eagerly(vllm_config)
         self.policy: FlexPolicy | None = None  # made in load_model (flex measures its cost model there)
         self._scheduled: dict[str, int] = {}  # drafts the running step verifies, per request id
+        self._looked_up: set[str] = set()  # requests whose drafts for the running step came from prompt lookup
         # the policy's step cost: busy time of the running step (from begin_step) plus the
         # draft pass after the previous decision; NaN for steps that carry prefill chunks
         self._step_t0: float | None = None
@@ -236,21 +238,34 @@ class FlexDraftProposer:
         drafts: list[list[int]] = [[] for _ in range(n_req)]
         if self.policy is None:  # no drafter loaded (dummy runs)
             return drafts
-        # (drafts verified, drafts accepted) per request: the policy's acceptance estimate
-        outcomes = [(self._scheduled.get(req_ids[i], 0), len(sampled_token_ids[i]) - 1) for i in live]
+        # (drafts verified, drafts accepted, request id) per request that drafted, by
+        # source: the policy's acceptance estimates
+        outcomes, lookup_outcomes = [], []
+        for i in live:
+            rid = req_ids[i]
+            if self._scheduled.get(rid, 0):
+                o = (self._scheduled[rid], len(sampled_token_ids[i]) - 1, rid)
+                (lookup_outcomes if rid in self._looked_up else outcomes).append(o)
         timed = self._decode_only and self._step_t0 is not None
         step_s = time.perf_counter() - self._step_t0 + self._draft_s if timed else math.nan
         self._draft_s = 0.0
-        self.policy.observe(sum(len(s) for s in sampled_token_ids), [o for o in outcomes if o[0] > 0], step_s)
-        dec = self.policy.decide(len(live)) if live else None
+        self.policy.observe(sum(len(s) for s in sampled_token_ids), outcomes, step_s, lookup_outcomes)
+        dec = self.policy.decide(len(live), [req_ids[i] for i in live]) if live else None
         self._next_parallel = dec is not None and dec.arm == "parallel"
-        if dec is None or dec.arm == "off":
+        self._looked_up = set()
+        lookup_on = dec is not None and dec.lookup and self.config.prompt_lookup_max > 0
+        if dec is None or (dec.arm == "off" and not lookup_on):
             return drafts
         t0 = time.perf_counter()
         ntok = runner.input_batch.num_tokens_no_spec
+        looked = self._lookup(runner, live, ntok, drafts) if lookup_on else set()  # drafted by prompt lookup
+        self._looked_up = {req_ids[i] for i in looked}
+        if dec.arm == "off":
+            self.policy.drafted(sum(len(d) for d in drafts), masked=0)
+            self._draft_s = time.perf_counter() - t0
+            return drafts
         K = min(self.config.block_size - 1, self.max_drafts)
         max_len = min(self.max_drafts, dec.max_drafts)
-        looked = self._lookup(runner, live, ntok, max_len, drafts)  # requests drafted by prompt lookup
         # parallel: the group of the actual outcome; its slot 0 must sit on the new bonus
         par_rows, par_groups = ([], []) if stream is None or stream.normed is None else pick_groups(stream.plan, sampled_token_ids)
         group_ctx = stream.plan.group_ctx.reshape(-1) if par_rows else None  # host copy: no device sync per row
@@ -283,22 +298,26 @@ class FlexDraftProposer:
             for r, (i, c) in enumerate(rows):
                 room = self.max_model_len - (c + 1) - 1
                 drafts[i] = ids[r][: max(0, min(n[r], room))]
+        # parallel: the next forward carries mask groups for every request
+        self.policy.drafted(sum(len(d) for d in drafts), masked=len(live) if dec.arm == "parallel" else len(seq_rows))
         self._draft_s = time.perf_counter() - t0
         self.draft_seconds += self._draft_s
         self._maybe_log()
         return drafts
 
-    def _lookup(self, runner, live: list[int], ntok, max_len: int, drafts: list[list[int]]) -> set[int]:
+    def _lookup(self, runner, live: list[int], ntok, drafts: list[list[int]]) -> set[int]:
         """Prompt lookup (config.prompt_lookup_max > 0, lookup.py): fills drafts[i]
-        for the live requests whose recent tokens occurred before; returns them."""
+        for the live requests whose recent tokens occurred before, as many as the
+        policy finds worth verifying for that request; returns them."""
         cfg = self.config
-        if not cfg.prompt_lookup_max:
-            return set()
-        tok = runner.input_batch.token_ids_cpu
+        tok, req_ids = runner.input_batch.token_ids_cpu, runner.input_batch.req_ids
         found = set()
         for i in live:
+            cap = self.policy.lookup_cap(len(live), req_ids[i])
+            if cap <= 0:
+                continue
             d = lookup.lookup_drafts(tok[i, : int(ntok[i])], cfg.prompt_lookup_min, cfg.prompt_lookup_max,
-                                     max_len, self.max_model_len - 1)  # the last draft must fit below max_model_len
+                                     cap, self.max_model_len - 1)  # the last draft must fit below max_model_len
             if len(d):
                 drafts[i] = d.tolist()
                 found.add(i)

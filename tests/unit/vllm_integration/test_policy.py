@@ -164,3 +164,70 @@ def test_engine_step_time_scores_decisions_not_wall_clock():
     p.decide(1)
     p.observe(1, (), step_s=0.01)
     assert p.t_off[1].n == 4
+
+
+def _run_request(policy, clock, sim, rid, p, steps):
+    """One request alone (batch 1) for `steps` steps; its outcomes carry its id."""
+    chosen, outcomes, tokens = [], [], 1
+    for _ in range(steps):
+        policy.observe(tokens, outcomes)
+        dec = policy.decide(1, [rid])
+        chosen.append(dec.arm)
+        k = dec.max_drafts
+        clock.t += sim.overhead * (1.3 if k else 1.0) + sim.factor * COST.step_s(dec.arm if k else "off", 1, k, k + 1)
+        a = 0
+        while a < k and sim.rng.random() < p:
+            a += 1
+        outcomes, tokens = ([(k, a, rid)] if k else []), 1 + a
+    return chosen
+
+
+def test_each_request_is_judged_by_its_own_acceptance():
+    """Batch 1, requests one after another: poor ones (chat) run plain, good ones
+    (code that repeats) draft, even after the poor ones dragged the overall
+    estimate down: near break-even the policy probes often enough to notice."""
+    p, clock = _flex(allow_parallel=False)
+    sim = Sim(p=0.0, overhead=20e-3)  # a big fixed step cost: drafting pays only for good requests
+    late_good, late_poor = [], []
+    for r in range(6):
+        poor = _run_request(p, clock, sim, f"poor{r}", 0.1, 60)
+        good = _run_request(p, clock, sim, f"good{r}", 0.9, 60)
+        if r >= 2:
+            late_poor += poor[20:]
+            late_good += good[20:]
+    assert late_good.count("sequential") > 0.8 * len(late_good)
+    assert late_poor.count("off") > 0.7 * len(late_poor)
+    assert len(p.per_request) <= 4 * 1 + 16  # finished requests are forgotten
+
+
+def test_lookup_cap_pays_for_its_rows():
+    # past 64 rows a row costs ~0.87 of a plain step's time per token at batch 512
+    cost = CostModel(rows=(1, 64, 1024), layer_s=(1e-4, 1e-4, 8e-4), head_s=(1e-4, 1e-4, 8e-4),
+                     num_layers=30, num_deep=10, block_size=8)
+    p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock())
+    for n in (1, 512):
+        p.t_off[n] = _ema(cost.step_s("off", n) * 1.5)
+    assert p.lookup_cap(1) == 7  # memory-bound batch 1: a verify row is nearly free
+    p.lookup.update([(7, 0)] * 50)  # lookup drafts that are never accepted ...
+    assert p.lookup_cap(512) == 0  # ... are not worth a compute-bound row
+    p.observe(1, lookup_outcomes=[(7, 7, "rep")] * 40)  # one request that repeats itself
+    assert p.lookup_cap(512, "rep") == 7 and p.lookup_cap(512, "other") == 0
+
+
+def test_a_step_with_lookup_drafts_is_not_a_plain_step():
+    clock = FakeClock()
+    p = FlexPolicy(mode="off", clock=clock)
+    p.observe(1, (), step_s=0.01)
+    p.decide(1)
+    p.drafted(3, masked=0)  # prompt lookup drafted 3 tokens on an "off" step
+    p.observe(1, (), step_s=0.05)
+    assert 1 not in p.t_off  # 50 ms with 3 verify rows is not T_off
+
+
+def _ema(v):
+    from flexdraft_vllm.vllm_integration.policy import _Ema
+
+    e = _Ema()
+    e.update(v, 1.0)
+    e.update(v, 1.0)
+    return e
