@@ -15,12 +15,18 @@ n decoding requests:
 
   tokens(k)       = n * (1 + sum_{j<=k} P(draft j proposed and accepted))
   time(off)       = T_off[bucket]            measured (EMA of plain steps)
-  time(arm, k)    = T_off + c[arm] * (model(arm, n, k) - model(off, n))
+  time(arm, k)    = T_off + s * verify(n, k) + c[arm] * mask(arm, n, k)
 
-where model() is the start-up cost model (cost_model.py: the weight work of
-the extra rows, measured on this machine) and c[arm] >= 0 corrects it with
-what drafting steps actually took (overheads the model does not see: the
-draft pass's Python, attention gathers). Acceptance is a property of the
+where verify() and mask() are the start-up cost model's weight work of the
+extra verify rows and of the mask rows (cost_model.py, measured on this
+machine). s prices verify rows as measured (steps that verified only
+prompt-lookup drafts; until there are some, 1: the model's own figure),
+and c[arm] >= 0 corrects the mask part with what drafting steps actually took
+beyond their verify rows (overheads the model does not see: the draft pass's
+Python, attention gathers). The two are apart because they scale apart: a
+draft pass costs about the same for 1 or 7 drafts, a verify row costs per
+row, and one factor over both made every row look as dear as the pass.
+Acceptance is a property of the
 drafter and the text, not of the batch, and it differs between requests (code
 that repeats itself against free chat): it is learned per request, starting
 from the estimate over all requests and replaced by the request's own verified
@@ -98,15 +104,19 @@ class Acceptance:
         acc.proposed, acc.accepted = list(prior.proposed), list(prior.accepted)
         return acc
 
-    def update(self, outcomes) -> None:
-        """outcomes: (drafts proposed, drafts accepted) per request that drafted."""
+    def update(self, outcomes, cap: int | None = None) -> None:
+        """outcomes: (drafts proposed, drafts accepted) per request that drafted;
+        cap: the verify-length cap they were drafted under. Positions at or past
+        the cap say nothing about the drafter (the cap cut them, not the
+        confidence rule) and keep their estimate; were they pulled to 0, a cap
+        once chosen could never be raised again."""
         for d, a in outcomes:
             if d <= 0:
                 continue
             a = min(a, d)
             self.requests += 1
             r = max(self.rate, 1.0 / (self.requests + self.prior_weight))
-            for j in range(len(self.proposed)):
+            for j in range(min(len(self.proposed), cap if cap is not None else len(self.proposed))):
                 self.proposed[j] += r * (float(j < d) - self.proposed[j])
                 self.accepted[j] += r * (float(j < a) - self.accepted[j])
 
@@ -168,6 +178,7 @@ class FlexPolicy:
     _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
     _live: tuple = ()  # the request ids of the last decision
     _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans)
+    _lookup_caps: dict = field(default_factory=dict)  # request id -> the lookup cap of its pending drafts
 
     def __post_init__(self):
         if self.mode == "flex" and self.cost is None:
@@ -198,33 +209,44 @@ class FlexPolicy:
           "plain step" estimates seconds long.
         """
         now = self.clock()
-        self._learn("draft", self.acceptance, outcomes)
-        self._learn("lookup", self.lookup, lookup_outcomes)
+        cap = self._last[2].max_drafts if self._last is not None and self._last[2].arm != "off" else None
+        self._learn("draft", self.acceptance, outcomes, lambda rid: cap)
+        self._learn("lookup", self.lookup, lookup_outcomes, self._lookup_caps.get)
+        self._lookup_caps = {}
         if self._last is not None and tokens_emitted > 0:
             t0, n, dec, d, masked = self._last
             dt, b = (now - t0) if step_s is None else step_s, bucket_of(n)
             if dt > 0 and dec.arm == "off" and d == 0:  # a true plain step (no lookup drafts either)
                 self.t_off.setdefault(b, _Ema()).update(dt, self.alpha)
-            elif dt > 0 and dec.arm != "off" and masked > 0 and self.cost is not None and b in self.t_off:
-                extra = self._model_extra(dec.arm, n, d, masked)
+            elif dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off"):
+                # an "off" step that verified lookup drafts prices verify rows; a
+                # drafting step, what its mask rows cost beyond its verify rows
+                verify, mask = self._model_extra(dec.arm, n, d, masked)
+                if dec.arm == "off":
+                    arm, extra, paid = "lookup", verify, 0.0
+                else:
+                    arm, extra, paid = dec.arm, mask, self._row_scale(b, n) * verify
                 if extra > 0:
-                    ratio = min(max((dt - self.t_off[b].value) / extra, 0.1), 50.0)
-                    for key in ((dec.arm, b), (dec.arm, None)):
+                    ratio = min(max((dt - self.t_off[b].value - paid) / extra, 0.1), 50.0)
+                    for key in ((arm, b), (arm, None)):
                         self.corr.setdefault(key, _Ema()).update(ratio, self.alpha)
         self._last = None
 
-    def _learn(self, source: str, overall: Acceptance, outcomes) -> None:
+    def _learn(self, source: str, overall: Acceptance, outcomes, cap_of) -> None:
+        """cap_of(request id or None): the cap the request's drafts were made under."""
         outcomes = [o for o in outcomes if o[0] > 0]
         if not outcomes:
             return
-        overall.update(o[:2] for o in outcomes)
         for o in outcomes:
-            if len(o) > 2:
-                key = (source, o[2])
-                acc = self.per_request.get(key)
+            rid = o[2] if len(o) > 2 else None
+            cap = cap_of(rid)
+            overall.update([o[:2]], cap)
+            if rid is not None:
+                acc = self.per_request.get((source, rid))
                 if acc is None:
-                    acc = self.per_request[key] = Acceptance.shrunk_to(overall, self.request_rate, self.request_prior)
-                acc.update([o[:2]])
+                    acc = self.per_request[(source, rid)] = Acceptance.shrunk_to(overall, self.request_rate,
+                                                                                  self.request_prior)
+                acc.update([o[:2]], cap)
         self._version += 1
 
     def drafted(self, drafts: int, masked: int) -> None:
@@ -235,16 +257,26 @@ class FlexPolicy:
             n = max(self._last[1], 1)
             self._last[3], self._last[4] = drafts / n, masked
 
-    def _model_extra(self, arm: str, n: int, d: float, masked: float | None = None) -> float:
+    def _model_extra(self, arm: str, n: int, d: float, masked: float | None = None) -> tuple[float, float]:
+        """Modelled extra seconds over a plain step: (verify rows, mask rows)."""
         groups = min(d + 1.0, self.max_groups or d + 1.0)
-        return self.cost.step_s(arm, n, d, groups, masked) - self.cost.step_s("off", n)
+        verified = self.cost.step_s("off", n, d)
+        return verified - self.cost.step_s("off", n), self.cost.step_s(arm, n, d, groups, masked) - verified
 
-    def _corr(self, arm: str, b: int) -> float:
+    def _corr(self, arm: str, b: int, default: float = 1.0) -> float:
         for key in ((arm, b), (arm, None)):
             e = self.corr.get(key)
             if e is not None and e.n >= 2:
                 return e.value
-        return 1.0
+        return default
+
+    def _row_scale(self, b: int, n: int) -> float:
+        """Measured / modelled cost of verify rows: learned from steps that verified
+        only prompt-lookup drafts; until then 1, the model's own figure: a row's
+        weight work is what the model timed, and a step's fixed overheads
+        (scheduling, Python) do not grow with its rows (scaling rows as the
+        plain step is to its model priced them at twice what they cost here)."""
+        return self._corr("lookup", b, 1.0)
 
     def estimate(self, req_ids=None) -> Acceptance:
         """FlexDraft's acceptance for this batch: the mean of its requests' own
@@ -259,28 +291,32 @@ class FlexPolicy:
         t0 = self.t_off[b].value
         acc = self.estimate(req_ids)
         out = [(num_reqs / t0, t0, Decision("off", 0))]
+        s = self._row_scale(b, num_reqs)
         for arm in self.candidates:
             c = self._corr(arm, b)
             for k in range(1, self.max_drafts + 1):
-                t = t0 + c * self._model_extra(arm, num_reqs, acc.drafts(k))
+                verify, mask = self._model_extra(arm, num_reqs, acc.drafts(k))
+                t = t0 + s * verify + c * mask
                 out.append((num_reqs * acc.tokens(k) / t, t, Decision(arm, k)))
         return sorted(out, key=lambda x: -x[0])
 
     def lookup_cap(self, num_reqs: int, req_id=None) -> int:
         """Prompt-lookup drafts worth verifying for one request: draft j is kept
         while what it is expected to add (its acceptance given it was proposed,
-        times the plain step's time per token) pays for its verify row (the cost
-        model's row, scaled as the measured plain step is to the modelled one).
+        times the plain step's time per token) pays for its verify row: the cost
+        model's row times what lookup's rows were measured to cost against it.
         Lookup drafts need no draft pass, so that row is their whole cost."""
         b = bucket_of(num_reqs)
         if self.mode != "flex" or b not in self.t_off:
             return self.max_drafts
         t0 = self.t_off[b].value
-        row = self.cost.row_s(num_reqs) * t0 / max(self.cost.step_s("off", num_reqs), 1e-9)
+        row = self.cost.row_s(num_reqs) * self._row_scale(b, num_reqs)
         acc = self.per_request.get(("lookup", req_id), self.lookup)
         k = 0
         while k < self.max_drafts and acc.accepted[k] / max(acc.proposed[k], 1e-3) * t0 / num_reqs >= row:
             k += 1
+        if req_id is not None:
+            self._lookup_caps[req_id] = k  # scores the outcome under the cap it was drafted with
         return k
 
     # ---- decisions ----------------------------------------------------------------------

@@ -32,8 +32,8 @@ class FakeClock:
 class Sim:
     """A toy engine: true times = overhead + factor * modelled weight work."""
 
-    def __init__(self, p: float, overhead=2e-3, factor=1.5, seed=0):
-        self.p, self.overhead, self.factor = p, overhead, factor
+    def __init__(self, p: float, overhead=2e-3, factor=1.5, seed=0, cost=COST):
+        self.p, self.overhead, self.factor, self.cost = p, overhead, factor, cost
         self.rng = random.Random(seed)
 
     def step(self, policy, clock, n, steps):
@@ -43,12 +43,12 @@ class Sim:
             dec = policy.decide(n)
             chosen.append(dec)
             if dec.arm == "off":
-                clock.t += self.overhead + self.factor * COST.step_s("off", n)
+                clock.t += self.overhead + self.factor * self.cost.step_s("off", n)
                 outcomes, tokens = [], n
                 continue
             k = dec.max_drafts
             groups = k + 1 if dec.arm == "parallel" else 1
-            clock.t += self.overhead * 1.3 + self.factor * COST.step_s(dec.arm, n, k, groups)
+            clock.t += self.overhead * 1.3 + self.factor * self.cost.step_s(dec.arm, n, k, groups)
             outcomes = []
             for _ in range(n):
                 a = 0
@@ -231,3 +231,47 @@ def _ema(v):
     e.update(v, 1.0)
     e.update(v, 1.0)
     return e
+
+
+def test_lookup_rows_are_priced_by_what_they_were_measured_to_cost():
+    cost = CostModel(rows=(1, 64, 1024), layer_s=(1e-4, 2e-4, 8e-4), head_s=(1e-4, 2e-4, 8e-4),
+                     num_layers=30, num_deep=10, block_size=8)
+    p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock())
+    t0 = cost.step_s("off", 8)
+    p.t_off[8] = _ema(t0)
+    p.lookup.update([(7, 4)] * 50)  # the first 4 lookup drafts are accepted, the rest never
+    assert p.lookup_cap(8) == 4  # modelled rows are cheap at batch 8: all that can be accepted
+    for _ in range(3):  # but "off" steps with 8 x 4 lookup drafts took 10 plain steps
+        p.decide(8)
+        p.drafted(32, masked=0)
+        p.observe(8, step_s=10 * t0)
+    assert p.corr[("lookup", None)].value > 10
+    assert p.lookup_cap(8) < 4
+
+
+def test_a_dear_draft_pass_does_not_make_verify_rows_dear():
+    """Verify rows cost per row, the draft pass about the same for 1 or 7
+    drafts: the correction learned for the pass (here 10x its model) must not
+    price the rows; they cost what the model says until lookup steps measure them."""
+    cost = CostModel(rows=(1, 64, 1024), layer_s=(1e-4, 4e-4, 6.4e-3), head_s=(1e-4, 4e-4, 6.4e-3),
+                     num_layers=30, num_deep=10, block_size=8)
+    p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock(), allow_parallel=False)
+    p.t_off[1] = _ema(0.045)
+    p.acceptance.update([(7, 7)] * 20)  # every draft proposed (the cost of a row is what varies)
+    p.corr[("sequential", None)] = _ema(10.0)
+    t = {d.max_drafts: s for _, s, d in p.predict(1) if d.arm == "sequential"}
+    rows = cost.step_s("off", 1, 7) - cost.step_s("off", 1, 1)
+    pass_ = cost.step_s("sequential", 1, 1) - cost.step_s("off", 1, 1)
+    assert t[7] - t[1] == pytest.approx(rows, rel=1e-6)
+    assert t[1] == pytest.approx(0.045 + cost.row_s(1) + 10 * pass_, rel=1e-6)
+    p.corr[("lookup", None)] = _ema(3.0)  # lookup steps measured rows at 3x the model
+    t = {d.max_drafts: s for _, s, d in p.predict(1) if d.arm == "sequential"}
+    assert t[7] - t[1] == pytest.approx(3 * rows, rel=1e-6)
+
+
+def test_positions_past_the_cap_keep_their_estimate():
+    acc = Acceptance(4, prior=0.5)
+    acc.update([(2, 2)] * 30, cap=2)  # the policy capped at 2: positions 3, 4 were not tried
+    assert acc.accepted[2:] == [0.125, 0.0625] and acc.accepted[1] > 0.9
+    acc.update([(2, 2)] * 200, cap=4)  # the confidence rule stopped at 2 under cap 4: they do not pay
+    assert acc.accepted[2] < 0.05 and acc.proposed[2] < 0.05
