@@ -18,8 +18,10 @@ every pending batch size. A method whose engine cannot start (missing package,
 mode not supported in vLLM, ...) is recorded as "unavailable: <reason>" and the
 sweep goes on.
 
-Per (method, batch) cell: requests are submitted `batch` at a time (the next
-group starts when the previous one finished), greedy, a fixed max_tokens;
+Per (method, batch) cell: `batch` requests in flight, the next one submitted as
+soon as one finishes (--admission continuous, the default; --admission group:
+`batch` at a time, the next group after the previous one finished), greedy, a
+fixed max_tokens;
 a warm-up group at that batch size runs first and is excluded. Measured:
 output tokens/s, per-request latency (mean/p50/p90), mean accepted length and
 per-position acceptance (vLLM's spec-decode counters, deltas over the cell),
@@ -75,10 +77,11 @@ def parse_methods(s: str) -> list[str]:
     return sorted(dict.fromkeys(ms), key=ALL_METHODS.index)
 
 
-def cell_requests(batch: int, min_requests: int) -> int:
-    """Requests in a cell: at least min_requests and at least one full group,
+def cell_requests(batch: int, min_requests: int, continuous: bool = False) -> int:
+    """Requests in a cell: at least min_requests and at least one full group
+    (continuous admission: two, so most of the cell runs with the batch full),
     always a whole number of groups of `batch`."""
-    n = max(batch, min_requests)
+    n = max(batch * (2 if continuous else 1), min_requests)
     return -(-n // batch) * batch
 
 
@@ -154,6 +157,7 @@ def sweep_config(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]
         "kv_cache_gib": args.kv_gib,
         "prefix_caching": args.prefix_caching,
         "engine_process": args.engine_process,
+        "admission": args.admission,
         "temperature": 0.0,
     }
 
@@ -226,11 +230,45 @@ def _run_group(llm, prompts: list[str], sp) -> tuple[list[Any], list[float], flo
     return [o for o, _ in ordered], [t for _, t in ordered], wall
 
 
+def _run_stream(llm, prompts: list[str], sp, concurrency: int) -> tuple[list[Any], list[float], float]:
+    """Keep `concurrency` requests in flight, submitting the next one as soon as
+    one finishes: an offline job at batch size `concurrency` under vLLM's
+    continuous batching. Returns outputs in submission order, each request's
+    latency (finish - its own submission) and the wall time."""
+    from time import perf_counter
+
+    eng = llm.llm_engine
+    ids: list[str] = []
+    submitted: list[float] = []
+    t0 = perf_counter()
+
+    def submit() -> None:
+        submitted.append(perf_counter())
+        ids.extend(llm.enqueue([prompts[len(submitted) - 1]], sp, use_tqdm=False))
+
+    for _ in range(min(concurrency, len(prompts))):
+        submit()
+    done: dict[str, tuple[Any, float]] = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = (o, perf_counter())
+                if len(submitted) < len(prompts):
+                    submit()
+    wall = perf_counter() - t0
+    if ids and all(i in done for i in ids):
+        ordered = [done[i] for i in ids]
+    else:  # request ids renamed inside the engine: their counter prefix is the submission order
+        ordered = sorted(done.values(), key=lambda t: int(str(t[0].request_id).split("-")[0]))
+    return [o for o, _ in ordered], [t - s for (_, t), s in zip(ordered, submitted)], wall
+
+
 def run_cell(llm, prompts: list[str], batch: int, spec: dict[str, Any], is_flex: bool) -> tuple[dict, list]:
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec["ignore_eos"])
-    n = cell_requests(batch, spec["min_requests"])
+    continuous = spec.get("admission", "group") == "continuous"
+    n = cell_requests(batch, spec["min_requests"], continuous)
     idx = [i % len(prompts) for i in range(n)]
     # warm-up at this batch size (also lets the flex policy see this batch bucket), excluded
     if spec["warmup_tokens"] > 0:
@@ -240,8 +278,9 @@ def run_cell(llm, prompts: list[str], batch: int, spec: dict[str, Any], is_flex:
     m0 = _metrics_snapshot(llm)
     p0 = _policy(llm) if is_flex else None
     lat, ttft, toks, wall, ptoks = [], [], [], 0.0, 0
-    for g in range(0, n, batch):
-        outs, done_at, w = _run_group(llm, [prompts[i] for i in idx[g : g + batch]], sp)
+    runs = ([_run_stream(llm, [prompts[i] for i in idx], sp, batch)] if continuous else
+            (_run_group(llm, [prompts[i] for i in idx[g : g + batch]], sp) for g in range(0, n, batch)))
+    for outs, done_at, w in runs:
         wall += w
         lat += done_at
         for o in outs:
@@ -323,7 +362,8 @@ def worker_main(spec_path: str) -> int:
     (out_dir / "outputs").mkdir(parents=True, exist_ok=True)
     rc = 0
     for b in spec["batches"]:
-        _say(f"{method}: batch {b}: {cell_requests(b, spec['min_requests'])} requests ...")
+        n = cell_requests(b, spec["min_requests"], spec.get("admission", "group") == "continuous")
+        _say(f"{method}: batch {b}: {n} requests ...")
         try:
             rec, toks = run_cell(llm, prompts, b, spec, is_flex)
         except Exception as e:  # noqa: BLE001 - record and stop this method; the sweep goes on
@@ -448,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", default="mixed", help="humaneval | chat | mixed | path to a JSONL of {\"prompt\": ...}")
     ap.add_argument("--num-prompts", type=int, default=64, help="distinct prompts (cells cycle through them)")
     ap.add_argument("--min-requests", type=int, default=16, help="requests per cell at least (whole groups of batch)")
+    ap.add_argument("--admission", choices=("continuous", "group"), default="continuous",
+                    help="'continuous' (default): `batch` requests in flight, the next submitted as soon as one "
+                         "finishes (an offline job under vLLM's continuous batching; 2 x batch requests at least); "
+                         "'group': `batch` requests at a time, the next group after the whole group finished (each "
+                         "group waits for its slowest request, which speculative methods make slower than plain)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--warmup-tokens", type=int, default=16, help="max_tokens of the excluded warm-up group per cell")
     ap.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
@@ -551,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {"method": method, "model": str(args.model), "engine_kwargs": kw, "batches": todo,
                     "prompts_file": str(out_dir / "prompts.json"), "max_tokens": args.max_tokens,
                     "min_requests": args.min_requests, "warmup_tokens": args.warmup_tokens,
+                    "admission": args.admission,
                     "ignore_eos": args.ignore_eos, "inbox": str(inbox), "out_dir": str(out_dir), "run": run_idx,
                     "extra_pythonpath": suffix_path if method == "suffix" else None}
             t0 = time.time()

@@ -34,7 +34,7 @@ def test_parser_defaults_cover_the_issue():
     assert a.batches == [1, 2, 4, 8, 16, 32, 64]
     assert a.methods == ["plain", "ngram", "suffix", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
                          "flexdraft-lookup"]
-    assert a.ignore_eos and not a.prefix_caching and a.prompts == "mixed"
+    assert a.ignore_eos and not a.prefix_caching and a.prompts == "mixed" and a.admission == "continuous"
 
 
 @pytest.mark.parametrize("batch,minimum,want", [(1, 16, 16), (4, 16, 16), (3, 16, 18), (32, 16, 32), (64, 16, 64),
@@ -42,6 +42,11 @@ def test_parser_defaults_cover_the_issue():
 def test_cell_requests_are_whole_groups(batch, minimum, want):
     n = offline_sweep.cell_requests(batch, minimum)
     assert n == want and n % batch == 0 and n >= batch and n >= minimum
+
+
+@pytest.mark.parametrize("batch,minimum,want", [(1, 16, 16), (8, 16, 16), (16, 16, 32), (64, 16, 128), (3, 16, 18)])
+def test_continuous_cells_keep_the_batch_full_twice_over(batch, minimum, want):
+    assert offline_sweep.cell_requests(batch, minimum, continuous=True) == want
 
 
 def test_method_engine_kwargs_share_the_base():
@@ -197,3 +202,43 @@ def test_server_that_dies_at_startup_is_reported(tmp_path):
     with pytest.raises(serve_bench.ServerDied, match="status 3"):
         s.wait_ready(timeout=30)
     s.stop()
+
+
+class _FakeLLM:
+    """enqueue/step like vLLM's LLM + LLMEngine: request i needs 1 + i % 3 steps;
+    ids are renamed inside the engine ("<counter>-<salt>"), as vLLM 0.32 does."""
+
+    def __init__(self):
+        self.llm_engine, self.running, self.counter, self.max_running = self, {}, 0, 0
+
+    def enqueue(self, prompts, sp, use_tqdm=False):
+        ids = []
+        for p in prompts:
+            self.running[f"{self.counter}-x"] = [p, 1 + int(p) % 3]
+            ids.append(str(self.counter))
+            self.counter += 1
+        self.max_running = max(self.max_running, len(self.running))
+        return ids
+
+    def has_unfinished_requests(self):
+        return bool(self.running)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        out = []
+        for rid, r in list(self.running.items()):
+            r[1] -= 1
+            if r[1] == 0:
+                del self.running[rid]
+                out.append(SimpleNamespace(request_id=rid, finished=True, prompt=r[0]))
+        return out
+
+
+def test_continuous_admission_keeps_the_batch_full_and_the_order():
+    llm = _FakeLLM()
+    prompts = [str(i) for i in range(10)]
+    outs, lat, wall = offline_sweep._run_stream(llm, prompts, None, 4)
+    assert [o.prompt for o in outs] == prompts  # submission order, though they finish out of order
+    assert llm.max_running == 4 and llm.counter == 10
+    assert len(lat) == 10 and all(0 <= t <= wall for t in lat)
