@@ -21,8 +21,10 @@ PLAN = [(1, 3), (8, 8), (32, 32)] if FAST else [(1, 50), (8, 56), (32, 64)]
 # groups, and flex's mix of parallel/sequential/off); sequential-only is the
 # same draft pass flex and parallel already use, checked at full size.
 # "lookup": sequential with prompt lookup on (lookup.py), so every step mixes
-# requests drafted by lookup and by the mask block.
-MODES = ["parallel", "flex", "lookup"] if FAST else ["sequential", "parallel", "flex", "lookup"]
+# requests drafted by lookup and by the mask block; "flex-lookup": the flex
+# policy with prompt lookup, which also drafts by lookup alone on "off" steps.
+MODES = (["parallel", "flex", "lookup", "flex-lookup"] if FAST else
+         ["sequential", "parallel", "flex", "lookup", "flex-lookup"])
 # Parallel mode at batch 32 (32 x G x B mask rows per step) is the slowest cell
 # on a 2-core CPU; the default run drafts at batch 16 in test_vllm_scheduling's
 # preemption test (parallel mode) instead, the full run keeps it.
@@ -56,7 +58,8 @@ def test_greedy_identical_to_plain_vllm(target_dir, prompts, plain_outputs, mode
     # parallel computes its drafts in bfloat16 whatever the CPU (auto picks it only
     # where bf16 matmuls are fast): greedy output must not depend on draft precision
     extra = {"draft_dtype": "bfloat16"} if mode == "parallel" else {}
-    fd = {"mode": "sequential", "prompt_lookup_max": 4} if mode == "lookup" else {"mode": mode, **extra}
+    lookup = {"lookup": "sequential", "flex-lookup": "flex"}
+    fd = {"mode": lookup[mode], "prompt_lookup_max": 4} if mode in lookup else {"mode": mode, **extra}
     llm = make_llm(target_dir, flexdraft=fd, max_num_seqs=32)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     try:
