@@ -384,12 +384,14 @@ class FlexPolicy:
 
     def summary(self) -> dict:
         acc = self.acceptance
-        return {
+        out = {
             "steps": self.steps,
             "chosen": dict(self.chosen),
             "plain_step_ms": {b: round(e.value * 1e3, 2) for b, e in sorted(self.t_off.items())},
             "cost_correction": {a: round(e.value, 2) for (a, b), e in self.corr.items() if b is None},
             "tokens_per_request_step": round(acc.tokens(self.max_drafts), 3),
             "accepted_per_position": [round(x, 3) for x in acc.accepted],
-            "lookup_accepted_per_position": [round(x, 3) for x in self.lookup.accepted],
         }
+        if self.lookup.requests:  # only once lookup drafts were verified (else it is the prior)
+            out["lookup_accepted_per_position"] = [round(x, 3) for x in self.lookup.accepted]
+        return out

@@ -275,3 +275,10 @@ def test_positions_past_the_cap_keep_their_estimate():
     assert acc.accepted[2:] == [0.125, 0.0625] and acc.accepted[1] > 0.9
     acc.update([(2, 2)] * 200, cap=4)  # the confidence rule stopped at 2 under cap 4: they do not pay
     assert acc.accepted[2] < 0.05 and acc.proposed[2] < 0.05
+
+
+def test_summary_shows_lookup_acceptance_only_once_measured():
+    p, _ = _flex()
+    assert "lookup_accepted_per_position" not in p.summary()
+    p.observe(1, lookup_outcomes=[(3, 2, "r")])
+    assert p.summary()["lookup_accepted_per_position"][0] > 0.7
