@@ -223,11 +223,16 @@ def _run_group(llm, prompts: list[str], sp) -> tuple[list[Any], list[float], flo
             if o.finished:
                 done[o.request_id] = (o, perf_counter() - t0)
     wall = perf_counter() - t0
-    if ids and all(i in done for i in ids):
-        ordered = [done[i] for i in ids]
-    else:  # request ids renamed inside the engine: fall back to submission order
-        ordered = sorted(done.values(), key=lambda t: int(str(t[0].request_id).split("-")[0]))
+    ordered = _in_submission_order(ids, done)
     return [o for o, _ in ordered], [t for _, t in ordered], wall
+
+
+def _in_submission_order(ids: list[str], done: dict[str, tuple[Any, float]]) -> list[tuple[Any, float]]:
+    """done (engine request id -> (output, time)) in the order `ids` were submitted."""
+    if ids and all(i in done for i in ids):
+        return [done[i] for i in ids]
+    # request ids renamed inside the engine: their counter prefix is the submission order
+    return sorted(done.values(), key=lambda t: int(str(t[0].request_id).split("-")[0]))
 
 
 def _run_stream(llm, prompts: list[str], sp, concurrency: int) -> tuple[list[Any], list[float], float]:
@@ -256,10 +261,7 @@ def _run_stream(llm, prompts: list[str], sp, concurrency: int) -> tuple[list[Any
                 if len(submitted) < len(prompts):
                     submit()
     wall = perf_counter() - t0
-    if ids and all(i in done for i in ids):
-        ordered = [done[i] for i in ids]
-    else:  # request ids renamed inside the engine: their counter prefix is the submission order
-        ordered = sorted(done.values(), key=lambda t: int(str(t[0].request_id).split("-")[0]))
+    ordered = _in_submission_order(ids, done)
     return [o for o, _ in ordered], [t - s for (_, t), s in zip(ordered, submitted)], wall
 
 

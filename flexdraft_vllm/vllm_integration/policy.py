@@ -38,7 +38,7 @@ size, e.g. drafting at a compute-bound batch 64 with a weak drafter.
 
 Prompt-lookup drafts (opt-in, lookup.py) have their own estimates and need no
 draft pass: each lookup draft is verified while its expected tokens pay for
-its verify row (`lookup_cap`), whatever arm FlexDraft's own drafts take.
+its verify row (`lookup_caps`), whatever arm FlexDraft's own drafts take.
 
 Staying current costs little: while drafting wins, every `explore_every`-th
 step runs plain (no lookup drafts either) to refresh T_off; while "off" wins,
@@ -177,7 +177,8 @@ class FlexPolicy:
     _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests]
     _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
     _live: tuple = ()  # the request ids of the last decision
-    _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans)
+    _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans, _est)
+    _est: tuple | None = None  # (_version, the live batch's estimate)
     _lookup_caps: dict = field(default_factory=dict)  # request id -> the lookup cap of its pending drafts
 
     def __post_init__(self):
@@ -280,10 +281,18 @@ class FlexPolicy:
 
     def estimate(self, req_ids=None) -> Acceptance:
         """FlexDraft's acceptance for this batch: the mean of its requests' own
-        estimates (a request not yet verified counts with the overall one)."""
+        estimates (a request not yet verified counts with the overall one).
+        For the live batch it is kept until an estimate or the batch changes
+        (`_version`): a drafting step needs it twice (predict, then decide)."""
         if not req_ids or not self.per_request:
             return self.acceptance
-        return mean_of([self.per_request.get(("draft", r), self.acceptance) for r in req_ids])
+        live = tuple(req_ids) == self._live
+        if live and self._est is not None and self._est[0] == self._version:
+            return self._est[1]
+        acc = mean_of([self.per_request.get(("draft", r), self.acceptance) for r in req_ids])
+        if live:
+            self._est = (self._version, acc)
+        return acc
 
     def predict(self, num_reqs: int, req_ids=None) -> list[tuple[float, float, Decision]]:
         """(goodput tok/s, step seconds, decision) for every option at this batch, best first."""
@@ -300,24 +309,28 @@ class FlexPolicy:
                 out.append((num_reqs * acc.tokens(k) / t, t, Decision(arm, k)))
         return sorted(out, key=lambda x: -x[0])
 
-    def lookup_cap(self, num_reqs: int, req_id=None) -> int:
-        """Prompt-lookup drafts worth verifying for one request: draft j is kept
+    def lookup_caps(self, num_reqs: int, req_ids) -> list[int]:
+        """Prompt-lookup drafts worth verifying, per request of req_ids (None: a
+        request without an id, judged by the overall estimate): draft j is kept
         while what it is expected to add (its acceptance given it was proposed,
         times the plain step's time per token) pays for its verify row: the cost
         model's row times what lookup's rows were measured to cost against it.
         Lookup drafts need no draft pass, so that row is their whole cost."""
         b = bucket_of(num_reqs)
         if self.mode != "flex" or b not in self.t_off:
-            return self.max_drafts
-        t0 = self.t_off[b].value
-        row = self.cost.row_s(num_reqs) * self._row_scale(b, num_reqs)
-        acc = self.per_request.get(("lookup", req_id), self.lookup)
-        k = 0
-        while k < self.max_drafts and acc.accepted[k] / max(acc.proposed[k], 1e-3) * t0 / num_reqs >= row:
-            k += 1
-        if req_id is not None:
-            self._lookup_caps[req_id] = k  # scores the outcome under the cap it was drafted with
-        return k
+            return [self.max_drafts] * len(req_ids)
+        per_token = self.t_off[b].value / num_reqs
+        row = self.cost.row_s(num_reqs) * self._row_scale(b, num_reqs)  # the same for every request
+        caps = []
+        for rid in req_ids:
+            acc = self.per_request.get(("lookup", rid), self.lookup)
+            k = 0
+            while k < self.max_drafts and acc.accepted[k] / max(acc.proposed[k], 1e-3) * per_token >= row:
+                k += 1
+            if rid is not None:
+                self._lookup_caps[rid] = k  # scores the outcome under the cap it was drafted with
+            caps.append(k)
+        return caps
 
     # ---- decisions ----------------------------------------------------------------------
     def decide(self, num_reqs: int, req_ids=None) -> Decision:

@@ -308,18 +308,23 @@ class FlexDraftProposer:
     def _lookup(self, runner, live: list[int], ntok, drafts: list[list[int]]) -> set[int]:
         """Prompt lookup (config.prompt_lookup_max > 0, lookup.py): fills drafts[i]
         for the live requests whose recent tokens occurred before, as many as the
-        policy finds worth verifying for that request; returns them."""
+        policy finds worth verifying for that request; returns them. Matched
+        first with the full draft budget, then cut to the policy's cap: the k
+        tokens after a match start the same whatever k, and only matched
+        requests need a cap."""
         cfg = self.config
         tok, req_ids = runner.input_batch.token_ids_cpu, runner.input_batch.req_ids
-        found = set()
+        matched = {}
         for i in live:
-            cap = self.policy.lookup_cap(len(live), req_ids[i])
-            if cap <= 0:
-                continue
             d = lookup.lookup_drafts(tok[i, : int(ntok[i])], cfg.prompt_lookup_min, cfg.prompt_lookup_max,
-                                     cap, self.max_model_len - 1)  # the last draft must fit below max_model_len
+                                     self.max_drafts, self.max_model_len - 1)  # the last draft fits below max_model_len
             if len(d):
-                drafts[i] = d.tolist()
+                matched[i] = d
+        caps = self.policy.lookup_caps(len(live), [req_ids[i] for i in matched])
+        found = set()
+        for (i, d), cap in zip(matched.items(), caps):
+            if cap > 0:
+                drafts[i] = d[:cap].tolist()
                 found.add(i)
         self.lookup_requests += len(found)
         return found

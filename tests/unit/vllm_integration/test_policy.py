@@ -207,11 +207,11 @@ def test_lookup_cap_pays_for_its_rows():
     p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock())
     for n in (1, 512):
         p.t_off[n] = _ema(cost.step_s("off", n) * 1.5)
-    assert p.lookup_cap(1) == 7  # memory-bound batch 1: a verify row is nearly free
+    assert p.lookup_caps(1, [None]) == [7]  # memory-bound batch 1: a verify row is nearly free
     p.lookup.update([(7, 0)] * 50)  # lookup drafts that are never accepted ...
-    assert p.lookup_cap(512) == 0  # ... are not worth a compute-bound row
+    assert p.lookup_caps(512, [None]) == [0]  # ... are not worth a compute-bound row
     p.observe(1, lookup_outcomes=[(7, 7, "rep")] * 40)  # one request that repeats itself
-    assert p.lookup_cap(512, "rep") == 7 and p.lookup_cap(512, "other") == 0
+    assert p.lookup_caps(512, ["rep", "other"]) == [7, 0]
 
 
 def test_a_step_with_lookup_drafts_is_not_a_plain_step():
@@ -240,13 +240,13 @@ def test_lookup_rows_are_priced_by_what_they_were_measured_to_cost():
     t0 = cost.step_s("off", 8)
     p.t_off[8] = _ema(t0)
     p.lookup.update([(7, 4)] * 50)  # the first 4 lookup drafts are accepted, the rest never
-    assert p.lookup_cap(8) == 4  # modelled rows are cheap at batch 8: all that can be accepted
+    assert p.lookup_caps(8, [None]) == [4]  # modelled rows are cheap at batch 8: all that can be accepted
     for _ in range(3):  # but "off" steps with 8 x 4 lookup drafts took 10 plain steps
         p.decide(8)
         p.drafted(32, masked=0)
         p.observe(8, step_s=10 * t0)
     assert p.corr[("lookup", None)].value > 10
-    assert p.lookup_cap(8) < 4
+    assert p.lookup_caps(8, [None])[0] < 4
 
 
 def test_a_dear_draft_pass_does_not_make_verify_rows_dear():
