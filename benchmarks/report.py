@@ -336,6 +336,12 @@ def _preamble(results: dict[str, Any], title: str) -> list[str]:
         out.append(f"Machine: {describe_machine(last.get('machine', {}))}.")
         out.append("")
         out.append(f"Command: `{last.get('command', '?')}`")
+        if last.get("order"):
+            out.append("")
+            out.append({"interleaved": "Order: every server up at once; each level run for all methods back to back "
+                                       "(method order reversed on every other level).",
+                        "method": "Order: one server at a time, all its levels, then the next method."
+                        }.get(last["order"], f"Order: {last['order']}."))
         if len(runs) > 1:
             out.append("")
             out.append(f"Cells were measured over {len(runs)} invocations (resumed); each cell records its run.")

@@ -14,6 +14,11 @@ greedy, fixed output length. vLLM's result JSON is parsed (TTFT,
 TPOT, ITL, end-to-end latency, throughput, spec-decode acceptance) into
 benchmarks/results/<name>/results.json, with table.md and serve.png beside it.
 
+By default (--order interleaved) every method's server is up at once and each
+concurrency level is run for all methods back to back (an idle server uses no
+CPU), so drift of a shared machine over the run moves every method alike;
+--order method runs one server at a time.
+
 The server is always stopped (its whole process group), also on Ctrl-C,
 SIGTERM or a failure. A server that cannot start marks its method
 "unavailable: <reason>" and the benchmark goes on. Reruns resume: finished
@@ -116,6 +121,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_groups(methods: list[str], order: str) -> list[list[str]]:
+    """Methods whose servers are up together: all of them (interleaved) or one at a time."""
+    if order == "interleaved":
+        return [list(methods)] if methods else []
+    return [[m] for m in methods]
+
+
+def run_schedule(methods: list[str], levels: list[int], order: str) -> list[tuple[int, str]]:
+    """(concurrency, method) in run order. Interleaved: level by level, every method
+    at a level back to back, the method order reversed on every other level, so a
+    machine that drifts (load from elsewhere, thermal state) moves every method
+    alike and no method always runs first. By method: all levels of one, then the next."""
+    if order == "interleaved":
+        return [(c, m) for i, c in enumerate(levels) for m in (methods if i % 2 == 0 else methods[::-1])]
+    return [(c, m) for m in methods for c in levels]
+
+
+def servers_fit(n: int, kv_gib: float, memory_gib: float | None, per_server_gib: float = 2.0) -> bool:
+    """Whether n idle servers (KV cache + ~2 GiB of weights, processes and buffers each)
+    fit in 80% of the machine's memory; unknown memory counts as not fitting."""
+    return n <= 1 or (memory_gib is not None and n * (kv_gib + per_server_gib) <= 0.8 * memory_gib)
+
+
 # ---- the server -------------------------------------------------------------------------------
 class ServerDied(RuntimeError):
     pass
@@ -214,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--level-timeout", type=float, default=3600, help="seconds one `bench serve` level may take")
+    ap.add_argument("--order", choices=("interleaved", "method"), default="interleaved",
+                    help="interleaved (default): every method's server up at once (idle ones use no CPU), each "
+                         "concurrency level run for all methods back to back; method: one server at a time, all "
+                         "its levels, then the next (less memory, but drift over the run lands on one method)")
     ap.add_argument("--fresh", action="store_true")
     return ap
 
@@ -248,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
               "kv_cache_gib": args.kv_gib, "prefix_caching": args.prefix_caching,
               "engine_process": args.engine_process, "temperature": 0.0}
     results = None if args.fresh else report.load_results(res_path)
+    if args.fresh:  # server logs are appended to (one block per start); a fresh run starts them over
+        for old in (out_dir / "logs").glob("*.log"):
+            old.unlink()
     if results is not None:
         diff = report.config_differences(results["config"], config)
         if diff:
@@ -277,80 +312,100 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    def start_server(method: str, slot: int) -> Server | None:
+        """Start `method`'s server (--port + slot when a port is given) and wait for /health;
+        None (status recorded) if it cannot start."""
+        try:
+            kw = offline_sweep.method_engine_kwargs(method, base, args.ngram_config, args.suffix_config)
+        except Exception as e:  # noqa: BLE001
+            report.merge_record(results, {"method": method, "status": f"unavailable: {type(e).__name__}: {e}"})
+            report.save_results(res_path, results)
+            return None
+        port = args.port + slot if args.port else free_port()
+        cmd = [sys.executable, str(CLI), "serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
+               *engine_cli_args(kw)]
+        senv = dict(env)
+        if method == "suffix" and suffix_path:
+            senv["PYTHONPATH"] = os.pathsep.join([suffix_path, *filter(None, [senv.get("PYTHONPATH")])])
+        results["methods"][method] = {"engine": kw, "serve_command": shlex.join(cmd), "status": ""}
+        log_path = out_dir / "logs" / f"{method}.server.log"
+        say(f"{method}: starting vllm serve on port {port} (log {log_path})")
+        server = Server(cmd, senv, log_path, port).start()
+        try:
+            up = server.wait_ready(args.startup_timeout)
+        except (ServerDied, TimeoutError) as e:
+            server.stop()
+            text = log_path.read_text(errors="replace").rsplit("\n===== ", 1)[-1]
+            results["methods"][method]["status"] = report.with_hint(
+                method, "unavailable: " + report.root_cause(text, str(e)))
+            say(f"    {method}: {results['methods'][method]['status'][:300]}")
+            return None
+        results["methods"][method].update(status="ok", startup_s=up)
+        say(f"    {method}: server healthy after {up:.0f} s")
+        return server
+
+    def run_level(server: Server, method: str, c: int) -> None:
+        n = level_requests(c, args.min_requests, args.rounds)
+        fname = f"{method}_c{c}.json"
+        (raw_dir / fname).unlink(missing_ok=True)
+        bcmd = bench_command(base_url=server.base_url, model=str(args.model), dataset=dataset,
+                             max_tokens=args.max_tokens, num_prompts=n, concurrency=c,
+                             result_dir=raw_dir, result_file=fname, ignore_eos=args.ignore_eos,
+                             warmups=c)
+        say(f"    {method}: concurrency {c}: {n} requests ...")
+        blog = out_dir / "logs" / f"{method}_c{c}.bench.log"
+        with open(blog, "w") as f:
+            f.write(shlex.join(bcmd) + "\n")
+            f.flush()
+            try:
+                rc = subprocess.run(bcmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                    timeout=args.level_timeout, cwd=str(report.REPO)).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        if rc == 0 and (raw_dir / fname).is_file():
+            rec = parse_bench_result(json.loads((raw_dir / fname).read_text()))
+        else:
+            why = report.root_cause(blog.read_text(errors="replace"), f"vllm bench serve exit status {rc}")
+            rec = {"status": f"failed: {why}"}
+        rec.update(method=method, x=c, run=run_idx, raw_file=f"raw/{fname}", requests=n,
+                   bench_command=shlex.join(bcmd))
+        report.merge_record(results, rec)
+        report.save_results(res_path, results)
+        report.write_reports(results, out_dir)
+        if report.is_ok(rec):
+            acc = rec.get("spec_decode_acceptance_length")
+            say(f"    {method}: concurrency {c}: {rec.get('output_throughput', 0):.1f} out tok/s, "
+                f"TTFT {rec.get('mean_ttft_ms', 0):.0f} ms, TPOT {rec.get('mean_tpot_ms', 0):.1f} ms"
+                + (f", acceptance length {acc:.2f}" if acc else ""))
+        else:
+            say(f"    {method}: concurrency {c}: {rec['status'][:300]}")
+
+    todo = {m: report.pending(results, m, levels) for m in args.methods}
+    for m in args.methods:
+        if not todo[m]:
+            say(f"{m}: all levels done, skipped")
+    active = [m for m in args.methods if todo[m]]
+    order = args.order
+    if order == "interleaved" and not servers_fit(len(active), args.kv_gib, machine.get("memory_gib")):
+        order = "method"
+        say(f"{len(active)} servers at once may not fit in {machine.get('memory_gib')} GiB: one method at a time")
+    results["runs"][run_idx]["order"] = order
     interrupted = False
     try:
-        for i, method in enumerate(args.methods, 1):
-            todo = report.pending(results, method, levels)
-            if not todo:
-                say(f"[{i}/{len(args.methods)}] {method}: all levels done, skipped")
-                continue
+        for group in server_groups(active, order):
+            servers: dict[str, Server] = {}
             try:
-                kw = offline_sweep.method_engine_kwargs(method, base, args.ngram_config, args.suffix_config)
-            except Exception as e:  # noqa: BLE001
-                report.merge_record(results, {"method": method, "status": f"unavailable: {type(e).__name__}: {e}"})
-                report.save_results(res_path, results)
-                continue
-            port = args.port or free_port()
-            cmd = [sys.executable, str(CLI), "serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
-                   *engine_cli_args(kw)]
-            senv = dict(env)
-            if method == "suffix" and suffix_path:
-                senv["PYTHONPATH"] = os.pathsep.join([suffix_path, *filter(None, [senv.get("PYTHONPATH")])])
-            results["methods"][method] = {"engine": kw, "serve_command": shlex.join(cmd), "status": ""}
-            log_path = out_dir / "logs" / f"{method}.server.log"
-            say(f"[{i}/{len(args.methods)}] {method}: starting vllm serve on port {port} (log {log_path})")
-            server = Server(cmd, senv, log_path, port)
-            try:
-                server.start()
-                try:
-                    up = server.wait_ready(args.startup_timeout)
-                except (ServerDied, TimeoutError) as e:
-                    text = log_path.read_text(errors="replace").rsplit("\n===== ", 1)[-1]
-                    results["methods"][method]["status"] = report.with_hint(
-                        method, "unavailable: " + report.root_cause(text, str(e)))
-                    say(f"    {method}: {results['methods'][method]['status'][:300]}")
-                    continue
-                results["methods"][method].update(status="ok", startup_s=up)
-                say(f"    {method}: server healthy after {up:.0f} s")
-                for c in todo:
-                    n = level_requests(c, args.min_requests, args.rounds)
-                    fname = f"{method}_c{c}.json"
-                    (raw_dir / fname).unlink(missing_ok=True)
-                    bcmd = bench_command(base_url=server.base_url, model=str(args.model), dataset=dataset,
-                                         max_tokens=args.max_tokens, num_prompts=n, concurrency=c,
-                                         result_dir=raw_dir, result_file=fname, ignore_eos=args.ignore_eos,
-                                         warmups=c)
-                    say(f"    {method}: concurrency {c}: {n} requests ...")
-                    blog = out_dir / "logs" / f"{method}_c{c}.bench.log"
-                    with open(blog, "w") as f:
-                        f.write(shlex.join(bcmd) + "\n")
-                        f.flush()
-                        try:
-                            rc = subprocess.run(bcmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                                timeout=args.level_timeout, cwd=str(report.REPO)).returncode
-                        except subprocess.TimeoutExpired:
-                            rc = "timeout"
-                    if rc == 0 and (raw_dir / fname).is_file():
-                        rec = parse_bench_result(json.loads((raw_dir / fname).read_text()))
-                    else:
-                        why = report.root_cause(blog.read_text(errors="replace"), f"vllm bench serve exit status {rc}")
-                        rec = {"status": f"failed: {why}"}
-                    rec.update(method=method, x=c, run=run_idx, raw_file=f"raw/{fname}", requests=n,
-                               bench_command=shlex.join(bcmd))
-                    report.merge_record(results, rec)
-                    report.save_results(res_path, results)
-                    report.write_reports(results, out_dir)
-                    if report.is_ok(rec):
-                        acc = rec.get("spec_decode_acceptance_length")
-                        say(f"    {method}: concurrency {c}: {rec.get('output_throughput', 0):.1f} out tok/s, "
-                            f"TTFT {rec.get('mean_ttft_ms', 0):.0f} ms, TPOT {rec.get('mean_tpot_ms', 0):.1f} ms"
-                            + (f", acceptance length {acc:.2f}" if acc else ""))
-                    else:
-                        say(f"    {method}: concurrency {c}: {rec['status'][:300]}")
+                for slot, method in enumerate(group):
+                    if (srv := start_server(method, slot)) is not None:
+                        servers[method] = srv
+                for c, method in run_schedule(list(servers), levels, order):
+                    if c in todo[method]:
+                        run_level(servers[method], method, c)
             finally:
-                server.stop()
+                for method, srv in servers.items():
+                    srv.stop()
+                    say(f"    {method}: server stopped")
                 report.save_results(res_path, results)
-                say(f"    {method}: server stopped")
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: server stopped, finished cells saved; rerun the same command to resume")

@@ -42,10 +42,14 @@ its verify row (`lookup_caps`), whatever arm FlexDraft's own drafts take.
 
 Staying current costs little: while drafting wins, every `explore_every`-th
 step runs plain (no lookup drafts either) to refresh T_off; while "off" wins,
-a sequential probe runs as often as keeps its predicted loss under
-`probe_budget` of the time (at most every `probe_every` steps), so acceptance
-keeps being measured (a more predictable request or workload is noticed)
-without a measurable cost; near break-even that is often.
+a sequential probe runs as often as keeps its loss under `probe_budget` of the
+time (at most every `probe_every` steps), so acceptance keeps being measured
+(a more predictable request or workload is noticed) without a measurable
+cost; near break-even that is often. The loss a probe is charged is the larger
+of the predicted one and what past probes at this batch size actually lost
+(their step time minus plain steps' time for the same tokens): where the model
+misjudges break-even (a draft pass's fixed cost it cannot see), the measured
+loss keeps probes rare.
 
 The decision made at step t is scored by the step t+1 it shapes (that step
 verifies t's drafts), which is how `observe` attributes measurements.
@@ -171,10 +175,12 @@ class FlexPolicy:
     per_request: dict = field(default_factory=dict)  # (source, request id) -> Acceptance
     t_off: dict = field(default_factory=dict)  # bucket -> _Ema of plain step seconds
     corr: dict = field(default_factory=dict)  # (arm, bucket or None) -> _Ema of measured/modelled extra time
+    probe_loss: dict = field(default_factory=dict)  # bucket -> _Ema of seconds a probe lost against plain steps
     steps: int = 0
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
-    _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests]
+    _probing: bool = False  # the decision being made is a probe (set by _flex, read by decide)
+    _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests, probe?]
     _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
     _live: tuple = ()  # the request ids of the last decision
     _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans, _est)
@@ -215,8 +221,12 @@ class FlexPolicy:
         self._learn("lookup", self.lookup, lookup_outcomes, self._lookup_caps.get)
         self._lookup_caps = {}
         if self._last is not None and tokens_emitted > 0:
-            t0, n, dec, d, masked = self._last
+            t0, n, dec, d, masked, probed = self._last
             dt, b = (now - t0) if step_s is None else step_s, bucket_of(n)
+            if dt > 0 and probed and b in self.t_off:
+                # what the probe cost beyond plain steps emitting the same tokens
+                lost = dt - self.t_off[b].value * tokens_emitted / max(n, 1)
+                self.probe_loss.setdefault(b, _Ema()).update(lost, self.alpha)
             if dt > 0 and dec.arm == "off" and d == 0:  # a true plain step (no lookup drafts either)
                 self.t_off.setdefault(b, _Ema()).update(dt, self.alpha)
             elif dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off"):
@@ -350,7 +360,8 @@ class FlexPolicy:
             self._since_draft = 0
         self.chosen[dec.arm] += 1
         d = self.estimate(req_ids).drafts(dec.max_drafts) if dec.arm != "off" else 0.0
-        self._last = [self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0]
+        self._last = [self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0, self._probing]
+        self._probing = False
         return dec
 
     def _track(self, live: tuple) -> None:
@@ -391,9 +402,13 @@ class FlexPolicy:
         if probe is None:
             return best
         g_p, t_p, dec = probe
-        loss = max(0.0, t_p * (1.0 - g_p / g_off))  # seconds lost vs plain for the same tokens
-        interval = max(self.probe_every, math.ceil(loss / (t_off * self.probe_budget)))
-        return dec if self._since_draft >= interval else best
+        loss = t_p * (1.0 - g_p / g_off)  # seconds lost vs plain for the same tokens, as predicted
+        measured = self.probe_loss.get(b)
+        if measured is not None:  # ... and as past probes here lost it
+            loss = max(loss, measured.value)
+        interval = max(self.probe_every, math.ceil(max(loss, 0.0) / (t_off * self.probe_budget)))
+        self._probing = self._since_draft >= interval
+        return dec if self._probing else best
 
     def summary(self) -> dict:
         acc = self.acceptance
@@ -402,6 +417,7 @@ class FlexPolicy:
             "chosen": dict(self.chosen),
             "plain_step_ms": {b: round(e.value * 1e3, 2) for b, e in sorted(self.t_off.items())},
             "cost_correction": {a: round(e.value, 2) for (a, b), e in self.corr.items() if b is None},
+            "probe_loss_ms": {b: round(e.value * 1e3, 2) for b, e in sorted(self.probe_loss.items())},
             "tokens_per_request_step": round(acc.tokens(self.max_drafts), 3),
             "accepted_per_position": [round(x, 3) for x in acc.accepted],
         }

@@ -146,6 +146,31 @@ def test_level_requests():
     assert serve_bench.level_requests(64, 16, 2) == 128
 
 
+def test_interleaved_schedule_runs_each_level_for_every_method_back_to_back():
+    ms, levels = ["plain", "flexdraft-flex", "flexdraft-lookup"], [1, 2, 4, 8]
+    sched = serve_bench.run_schedule(ms, levels, "interleaved")
+    assert sorted(sched) == sorted((c, m) for m in ms for c in levels)  # every cell once
+    assert [c for c, _ in sched] == [c for c in levels for _ in ms]  # level by level
+    firsts = [sched[i * len(ms)][1] for i in range(len(levels))]
+    assert firsts == ["plain", "flexdraft-lookup", "plain", "flexdraft-lookup"]  # no method always first
+    assert serve_bench.server_groups(ms, "interleaved") == [ms]
+
+
+def test_method_order_runs_one_server_at_a_time():
+    ms = ["plain", "flexdraft-flex"]
+    assert serve_bench.run_schedule(ms, [1, 2], "method") == [(1, "plain"), (2, "plain"),
+                                                               (1, "flexdraft-flex"), (2, "flexdraft-flex")]
+    assert serve_bench.server_groups(ms, "method") == [["plain"], ["flexdraft-flex"]]
+    assert serve_bench.server_groups([], "interleaved") == []
+
+
+def test_servers_fit():
+    assert serve_bench.servers_fit(3, 2.0, 23.5)  # 12 GiB of 18.8
+    assert not serve_bench.servers_fit(7, 2.0, 23.5)
+    assert serve_bench.servers_fit(1, 64.0, 8.0)  # one server is the user's own choice
+    assert not serve_bench.servers_fit(2, 2.0, None)
+
+
 def test_bench_command_flags(tmp_path):
     cmd = serve_bench.bench_command(base_url="http://127.0.0.1:9", model="/m", dataset=tmp_path / "d.jsonl",
                                     max_tokens=16, num_prompts=4, concurrency=2, result_dir=tmp_path,

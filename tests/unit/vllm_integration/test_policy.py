@@ -13,7 +13,7 @@ import random
 import pytest
 
 from flexdraft_vllm.vllm_integration.cost_model import CostModel
-from flexdraft_vllm.vllm_integration.policy import Acceptance, FlexPolicy, bucket_of
+from flexdraft_vllm.vllm_integration.policy import Acceptance, Decision, FlexPolicy, bucket_of
 
 # memory-bound up to 64 rows (flat), then linear: a GPU-like knee
 ROWS = (1, 64, 128, 1024)
@@ -101,6 +101,32 @@ def test_weak_drafter_stays_off_and_probes_within_budget():
     # a few probes keep acceptance measured, but not enough to cost more than the budget
     assert 0 < len(drafted) < 0.02 * 1900
     assert p.acceptance.accepted[0] < 0.2
+
+
+@pytest.mark.parametrize("probe_cost, max_probes", [(3.0, 6), (0.9, 110)])
+def test_probes_are_charged_what_they_measurably_lost(probe_cost, max_probes):
+    """Where the model misjudges break-even (e.g. a draft pass's fixed cost it
+    cannot see), the predicted loss allows a probe every `probe_every` steps. A
+    probe is charged the larger of that and what past probes here lost against
+    plain steps, which keeps them within `probe_budget` of the time; probes
+    that gain keep the floor (the old rule probed every 4 steps in both cases)."""
+    n, t_plain = 4, 0.01
+    p, clock = _flex(allow_parallel=False, probe_budget=0.01, probe_every=4)
+    # the model's view: sequential k=1 loses 1% against plain, so probe at the floor
+    p.predict = lambda num, req_ids=None: [(num / t_plain, t_plain, Decision("off", 0)),
+                                           (0.99 * num / t_plain, t_plain, Decision("sequential", 1))]
+    probes, tokens, step_s = 0, n, t_plain
+    for _ in range(400):
+        p.observe(tokens, [], step_s)
+        dec = p.decide(n)
+        probes += dec.arm != "off"
+        # a probe step takes probe_cost plain steps and yields one extra token per request
+        tokens, step_s = (2 * n, probe_cost * t_plain) if dec.arm != "off" else (n, t_plain)
+    assert probes <= max_probes
+    if probe_cost > 2:  # lost (3 - 2) plain steps per probe: about one probe per 100 steps
+        assert p.probe_loss[4].value == pytest.approx(t_plain, rel=0.01) and probes >= 2
+    else:  # gained: the floor
+        assert p.probe_loss[4].value < 0 and probes >= 90
 
 
 def test_verify_length_shrinks_as_the_batch_grows():
