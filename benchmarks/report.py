@@ -338,8 +338,9 @@ def _preamble(results: dict[str, Any], title: str) -> list[str]:
         out.append(f"Command: `{last.get('command', '?')}`")
         if last.get("order"):
             out.append("")
-            out.append({"interleaved": "Order: every server up at once; each level run for all methods back to back "
-                                       "(method order reversed on every other level).",
+            out.append({"interleaved": "Order: every server up at once, the ones not measured parked (SIGSTOP); each "
+                                       "level run for all methods back to back (method order reversed on every "
+                                       "other level).",
                         "method": "Order: one server at a time, all its levels, then the next method."
                         }.get(last["order"], f"Order: {last['order']}."))
         if len(runs) > 1:

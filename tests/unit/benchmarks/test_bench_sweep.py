@@ -222,6 +222,43 @@ def test_server_stop_ends_its_process_group(tmp_path):
     s.stop()  # idempotent
 
 
+def _states(pgid: int) -> set[str]:
+    out = set()
+    for st in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = st.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.add(fields[0])
+    return out
+
+
+def test_a_parked_server_is_stopped_and_answers_again_when_resumed(tmp_path):
+    port = serve_bench.free_port()
+    code = ("import http.server, subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        self.send_response(200); self.end_headers()\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    s = serve_bench.Server([sys.executable, "-c", code], {}, tmp_path / "s.log", port=port).start()
+    try:
+        s.wait_ready(timeout=30)
+        time.sleep(0.5)  # the child is up too
+        s.pause()
+        time.sleep(0.2)
+        assert _states(s.proc.pid) == {"T"}  # every member of the group, the child too
+        s.resume(timeout=30)
+        assert "T" not in _states(s.proc.pid)
+        s.pause()  # stop() works on a parked group
+    finally:
+        t0 = time.time()
+        s.stop()
+    assert s.proc.poll() is not None and time.time() - t0 < 45
+    assert _live_members(s.proc.pid) == []
+
+
 def test_server_that_dies_at_startup_is_reported(tmp_path):
     s = serve_bench.Server([sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path / "s.log", port=1).start()
     with pytest.raises(serve_bench.ServerDied, match="status 3"):
