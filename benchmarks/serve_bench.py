@@ -423,7 +423,13 @@ def main(argv: list[str] | None = None) -> int:
                         srv.pause()  # parked until its level: see Server.pause
                 for c, method in run_schedule(list(servers), levels, order):
                     if c in todo[method]:
-                        servers[method].resume()
+                        try:
+                            servers[method].resume()
+                        except (ServerDied, TimeoutError) as e:  # died while parked: this cell fails, the rest go on
+                            report.merge_record(results, {"method": method, "x": c, "run": run_idx,
+                                                          "status": f"failed: server not healthy when resumed: {e}"})
+                            say(f"    {method}: concurrency {c}: server not healthy when resumed: {e}")
+                            continue
                         try:
                             run_level(servers[method], method, c)
                         finally:
