@@ -226,6 +226,20 @@ def test_each_request_is_judged_by_its_own_acceptance():
     assert len(p.per_request) <= 4 * 1 + 16  # finished requests are forgotten
 
 
+def test_the_overall_estimate_is_not_biased_toward_requests_that_keep_drafting():
+    """Good requests keep drafting, poor ones stop after a few steps; the overall
+    estimate, where a new request starts, counts each request's first few
+    outcomes only, so it sits near the mix (0.5), not near the good ones (the
+    old rule, every outcome counted: 0.74)."""
+    p, clock = _flex(allow_parallel=False)
+    sim = Sim(p=0.0, overhead=20e-3)
+    for r in range(6):
+        _run_request(p, clock, sim, f"poor{r}", 0.1, 60)
+        _run_request(p, clock, sim, f"good{r}", 0.9, 60)
+    assert 0.3 < p.acceptance.accepted[0] < 0.6
+    assert p.acceptance.requests <= 12 * p.request_prior
+
+
 def test_lookup_cap_pays_for_its_rows():
     # past 64 rows a row costs ~0.87 of a plain step's time per token at batch 512
     cost = CostModel(rows=(1, 64, 1024), layer_s=(1e-4, 1e-4, 8e-4), head_s=(1e-4, 1e-4, 8e-4),
