@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flexdraft_vllm.vllm_integration.cost_model import CostModel
 
@@ -79,6 +79,7 @@ class Decision:
     arm: str  # one of ARMS: how FlexDraft drafts for the next step
     max_drafts: int  # FlexDraft drafts per request at most (0 when arm == "off")
     lookup: bool = True  # prompt-lookup drafts allowed (False: a true plain step, e.g. a T_off refresh)
+    probe: bool = False  # drafting only to keep acceptance measured while "off" is predicted to win
 
 
 class Acceptance:
@@ -179,8 +180,7 @@ class FlexPolicy:
     steps: int = 0
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
-    _probing: bool = False  # the decision being made is a probe (set by _flex, read by decide)
-    _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests, probe?]
+    _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests]
     _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
     _live: tuple = ()  # the request ids of the last decision
     _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans, _est)
@@ -221,9 +221,9 @@ class FlexPolicy:
         self._learn("lookup", self.lookup, lookup_outcomes, self._lookup_caps.get)
         self._lookup_caps = {}
         if self._last is not None and tokens_emitted > 0:
-            t0, n, dec, d, masked, probed = self._last
+            t0, n, dec, d, masked = self._last
             dt, b = (now - t0) if step_s is None else step_s, bucket_of(n)
-            if dt > 0 and probed and b in self.t_off:
+            if dt > 0 and dec.probe and b in self.t_off:
                 # what the probe cost beyond plain steps emitting the same tokens
                 lost = dt - self.t_off[b].value * tokens_emitted / max(n, 1)
                 self.probe_loss.setdefault(b, _Ema()).update(lost, self.alpha)
@@ -367,8 +367,7 @@ class FlexPolicy:
             self._since_draft = 0
         self.chosen[dec.arm] += 1
         d = self.estimate(req_ids).drafts(dec.max_drafts) if dec.arm != "off" else 0.0
-        self._last = [self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0, self._probing]
-        self._probing = False
+        self._last = [self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0]
         return dec
 
     def _track(self, live: tuple) -> None:
@@ -414,8 +413,7 @@ class FlexPolicy:
         if measured is not None:  # ... and as past probes here lost it
             loss = max(loss, measured.value)
         interval = max(self.probe_every, math.ceil(max(loss, 0.0) / (t_off * self.probe_budget)))
-        self._probing = self._since_draft >= interval
-        return dec if self._probing else best
+        return replace(dec, probe=True) if self._since_draft >= interval else best
 
     def summary(self) -> dict:
         acc = self.acceptance

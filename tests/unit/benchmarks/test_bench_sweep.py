@@ -196,16 +196,21 @@ def test_parse_bench_result_keeps_summaries_not_lists():
     assert serve_bench.parse_bench_result({"completed": 0, "failed": 4})["status"].startswith("failed")
 
 
-def _live_members(pgid: int) -> list[int]:
-    out = []
+def _group_members(pgid: int) -> dict[int, str]:
+    """pid -> state letter of the live (not zombie) processes in group pgid."""
+    out = {}
     for st in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = st.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-            out.append(int(st.parent.name))
+            out[int(st.parent.name)] = fields[0]
     return out
+
+
+def _live_members(pgid: int) -> list[int]:
+    return list(_group_members(pgid))
 
 
 def test_server_stop_ends_its_process_group(tmp_path):
@@ -223,15 +228,7 @@ def test_server_stop_ends_its_process_group(tmp_path):
 
 
 def _states(pgid: int) -> set[str]:
-    out = set()
-    for st in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = st.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.add(fields[0])
-    return out
+    return set(_group_members(pgid).values())
 
 
 def test_a_parked_server_is_stopped_and_answers_again_when_resumed(tmp_path):
