@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
 
-ALL_METHODS = list(report.METHOD_ORDER)
+ALL_METHODS = [m for m in report.METHOD_ORDER if m != report.BASELINE_AGAIN]  # plain-again: see run_order
 DEFAULT_METHODS = [m for m in ALL_METHODS if m not in report.DIAGNOSTIC_METHODS]
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 PROGRESS = "@@progress "
@@ -77,6 +77,15 @@ def parse_methods(s: str) -> list[str]:
     return sorted(dict.fromkeys(ms), key=ALL_METHODS.index)
 
 
+def run_order(methods: list[str], bracket: bool) -> list[str]:
+    """The methods in the order their workers run: with `bracket`, plain again
+    at the end (report.BASELINE_AGAIN) when plain and something else run."""
+    others = [m for m in methods if m != report.BASELINE]
+    if bracket and report.BASELINE in methods and others:
+        return [*methods, report.BASELINE_AGAIN]
+    return list(methods)
+
+
 def cell_requests(batch: int, min_requests: int, continuous: bool = False) -> int:
     """Requests in a cell: at least min_requests and at least one full group
     (continuous admission: two, so most of the cell runs with the batch full),
@@ -89,7 +98,7 @@ def method_engine_kwargs(method: str, base: dict[str, Any], ngram: dict[str, Any
                          suffix: dict[str, Any] | None = None) -> dict[str, Any]:
     """The LLM(...) kwargs of a method: the shared base plus the method's speculative settings."""
     kw = dict(base)
-    if method == "plain":
+    if method in (report.BASELINE, report.BASELINE_AGAIN):
         return kw
     if method == "ngram":
         kw["speculative_config"] = dict(ngram or NGRAM_DEFAULT)
@@ -133,7 +142,7 @@ def lossless_check(results: dict[str, Any], out_dir: Path) -> None:
             if not report.is_ok(c):
                 continue
             mine = outputs(method, x)
-            if method == report.BASELINE:
+            if method == report.BASELINE:  # plain-again is checked against plain like any method
                 if ref0 is not None and mine is not None and x != plain_xs[0]:
                     c["vs_plain_smallest_batch"] = compare(mine, ref0)
                 continue
@@ -518,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "process, VLLM_ENABLE_V1_MULTIPROCESSING=1) or 'same' (in the worker's process, =0; on "
                          "CPU this also keeps the in-process executor, as `flexdraft-vllm serve` does)")
     ap.add_argument("--nice", type=int, default=0, help="run workers under `nice -n N`")
+    ap.add_argument("--plain-bracket", action=argparse.BooleanOptionalAction, default=True,
+                    help="run plain again after the other methods ('plain-again') and take ratios against the mean "
+                         "of the two plain runs: the machine's drift over the sweep then biases no method toward "
+                         "plain (default on)")
     ap.add_argument("--fresh", action="store_true", help="discard stored cells of this --name and start over")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap
@@ -566,8 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     env = _engine_env(args)
     machine = report.machine_info()
     run_idx = len(results["runs"])
+    order = run_order(args.methods, args.plain_bracket)
     results["runs"].append({"index": run_idx, "started": report.now(), "command": shlex.join([sys.executable, *sys.argv]),
-                            "machine": machine, "methods": args.methods, "batches": args.batches_all,
+                            "machine": machine, "methods": order, "batches": args.batches_all,
                             "ld_preload": env.get("LD_PRELOAD")})
     report.save_results(res_path, results)
     print(f"offline sweep '{args.name}' -> {out_dir}")
@@ -580,12 +594,12 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupted = False
     try:
-        for i, method in enumerate(args.methods, 1):
+        for i, method in enumerate(order, 1):
             todo = report.pending(results, method, args.batches_all)
             if not todo:
-                print(f"[{i}/{len(args.methods)}] {method}: all batch sizes done, skipped")
+                print(f"[{i}/{len(order)}] {method}: all batch sizes done, skipped")
                 continue
-            print(f"[{i}/{len(args.methods)}] {method}: batch sizes {todo}")
+            print(f"[{i}/{len(order)}] {method}: batch sizes {todo}")
             try:
                 kw = method_engine_kwargs(method, base, args.ngram_config, args.suffix_config)
             except Exception as e:  # noqa: BLE001

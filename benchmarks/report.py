@@ -38,7 +38,11 @@ REPO = BENCH_DIR.parent
 RESULTS_ROOT = BENCH_DIR / "results"
 FORMAT_VERSION = 1
 BASELINE = "plain"
-METHOD_ORDER = ["plain", "ngram", "suffix", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
+# The offline sweep runs plain again after every other method (its "bracket"):
+# the machine drifts (8% within minutes on a shared VM), and ratios against the
+# mean of the two plain runs are not biased toward the methods run near plain.
+BASELINE_AGAIN = "plain-again"
+METHOD_ORDER = ["plain", "plain-again", "ngram", "suffix", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
                 "flexdraft-lookup", "flexdraft-off"]
 # flexdraft-off (FlexDraft loaded, never drafts) isolates the fixed cost of vLLM's
 # speculative-decoding path; a diagnostic, not part of the default sweep.
@@ -285,14 +289,32 @@ def metric(cell: dict[str, Any] | None, path: str) -> float | None:
     return cur if isinstance(cur, (int, float)) else None
 
 
+def baseline_value(results: dict[str, Any], path: str, x: str, base: str = BASELINE) -> float | None:
+    """The baseline's value at x: the mean of plain and plain-again where both
+    ran (the bracket), else plain's."""
+    vals = [metric(results["cells"].get(m, {}).get(x), path) for m in (base, BASELINE_AGAIN if base == BASELINE else None)]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def plain_drift(results: dict[str, Any], path: str) -> dict[int, float]:
+    """x -> plain-again / plain: how far the machine moved between the bracket's ends."""
+    out = {}
+    for x, cell in results["cells"].get(BASELINE_AGAIN, {}).items():
+        a, b = metric(cell, path), metric(results["cells"].get(BASELINE, {}).get(x), path)
+        if a and b:
+            out[int(x)] = a / b
+    return out
+
+
 def ratios(results: dict[str, Any], path: str, base: str = BASELINE, invert: bool = False) -> dict[str, dict[int, float]]:
     """method -> x -> value / baseline's value at the same x (baseline / value with
-    `invert`, for times). Only cells where both were measured."""
+    `invert`, for times; baseline_value: the bracket's mean where there is one).
+    Only cells where both were measured."""
     out: dict[str, dict[int, float]] = {}
-    bcells = results["cells"].get(base, {})
     for m, cells in results["cells"].items():
         for x, cell in cells.items():
-            v, b = metric(cell, path), metric(bcells.get(x), path)
+            v, b = metric(cell, path), baseline_value(results, path, x, base)
             if v is None or b is None or v <= 0 or b <= 0:
                 continue
             out.setdefault(m, {})[int(x)] = (b / v) if invert else (v / b)
@@ -370,6 +392,10 @@ def offline_markdown(results: dict[str, Any]) -> str:
     sp = speedups(results)
     lat = ratios(results, "latency_s.mean", invert=True)
     out = _preamble(results, "Offline throughput sweep")
+    drift = plain_drift(results, "output_tok_s")
+    if drift:
+        out += ["Plain vLLM ran first and again last (`plain-again`); ratios are against the mean of the two. "
+                "plain-again / plain: " + ", ".join(f"batch {x} {r:.2f}" for x, r in sorted(drift.items())) + ".", ""]
     out.append("Output tokens/s (speedup vs plain vLLM in the same run):")
     out.append("")
     rows = []
@@ -486,7 +512,7 @@ def _lines(ax, series: dict[str, dict[int, float]], methods: list[str]) -> None:
         pts = sorted(series.get(m, {}).items())
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
-                    linestyle="--" if m == BASELINE else "-")
+                    linestyle="--" if m in (BASELINE, BASELINE_AGAIN) else "-")
     ax.set_xscale("log", base=2)
     ax.grid(True, which="both", alpha=0.3)
 

@@ -157,6 +157,16 @@ class _Ema:
 
 
 @dataclass
+class _Pending:
+    """The last decision, waiting for the step that scores it (see observe)."""
+    t0: float  # clock when it was made
+    num_reqs: int
+    dec: Decision
+    drafts: float  # drafts verified per request: forecast, then what was scheduled (drafted)
+    masked: int  # requests that ran mask blocks
+
+
+@dataclass
 class FlexPolicy:
     mode: str = "flex"  # flex | sequential | parallel | off
     max_drafts: int = 7
@@ -180,7 +190,7 @@ class FlexPolicy:
     steps: int = 0
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
-    _last: list | None = None  # [time, num_reqs, decision, verified drafts per request, masked requests]
+    _last: _Pending | None = None
     _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
     _live: tuple = ()  # the request ids of the last decision
     _version: int = 0  # bumped when an estimate or the live set changes (invalidates _plans, _est)
@@ -216,12 +226,13 @@ class FlexPolicy:
           "plain step" estimates seconds long.
         """
         now = self.clock()
-        cap = self._last[2].max_drafts if self._last is not None and self._last[2].arm != "off" else None
+        cap = self._last.dec.max_drafts if self._last is not None and self._last.dec.arm != "off" else None
         self._learn("draft", self.acceptance, outcomes, lambda rid: cap)
         self._learn("lookup", self.lookup, lookup_outcomes, self._lookup_caps.get)
         self._lookup_caps = {}
         if self._last is not None and tokens_emitted > 0:
-            t0, n, dec, d, masked = self._last
+            last = self._last
+            t0, n, dec, d, masked = last.t0, last.num_reqs, last.dec, last.drafts, last.masked
             dt, b = (now - t0) if step_s is None else step_s, bucket_of(n)
             if dt > 0 and dec.probe and b in self.t_off:
                 # what the probe cost beyond plain steps emitting the same tokens
@@ -272,8 +283,7 @@ class FlexPolicy:
         (FlexDraft's and prompt lookup's) and `masked` requests that ran mask
         blocks. Its step time is then scored against these, not the forecast."""
         if self._last is not None:
-            n = max(self._last[1], 1)
-            self._last[3], self._last[4] = drafts / n, masked
+            self._last.drafts, self._last.masked = drafts / max(self._last.num_reqs, 1), masked
 
     def _model_extra(self, arm: str, n: int, d: float, masked: float | None = None) -> tuple[float, float]:
         """Modelled extra seconds over a plain step: (verify rows, mask rows)."""
@@ -367,7 +377,7 @@ class FlexPolicy:
             self._since_draft = 0
         self.chosen[dec.arm] += 1
         d = self.estimate(req_ids).drafts(dec.max_drafts) if dec.arm != "off" else 0.0
-        self._last = [self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0]
+        self._last = _Pending(self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0)
         return dec
 
     def _track(self, live: tuple) -> None:

@@ -67,6 +67,20 @@ def test_speedups_are_against_plain_at_the_same_batch(offline_results):
     assert lat["flexdraft-sequential"][1] == pytest.approx(2.0)
 
 
+def test_ratios_are_against_the_mean_of_the_plain_bracket(offline_results):
+    # plain ran first at 20 tok/s and again last at 30: the machine sped up in
+    # between, so a method measured near either end is not judged by that end
+    offline_results["cells"]["plain-again"] = {"1": _cell(30.0, 3.0)}
+    sp = report.speedups(offline_results)
+    assert sp["flexdraft-sequential"][1] == pytest.approx(40 / 25)
+    assert sp["plain"][1] == pytest.approx(20 / 25) and sp["plain-again"][1] == pytest.approx(30 / 25)
+    assert sp["flexdraft-sequential"][2] == pytest.approx(54 / 36)  # no bracket at batch 2: plain alone
+    assert report.ratios(offline_results, "latency_s.mean", invert=True)["ngram"][1] == pytest.approx(3.5 / 3.6)
+    assert report.plain_drift(offline_results, "output_tok_s") == {1: 1.5}
+    md = report.offline_markdown(offline_results)
+    assert "plain-again / plain: batch 1 1.50" in md
+
+
 def test_no_ratio_without_baseline(offline_results):
     del offline_results["cells"]["plain"]
     assert report.speedups(offline_results) == {}

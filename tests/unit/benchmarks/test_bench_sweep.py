@@ -37,6 +37,19 @@ def test_parser_defaults_cover_the_issue():
     assert a.ignore_eos and not a.prefix_caching and a.prompts == "mixed" and a.admission == "continuous"
 
 
+def test_plain_runs_again_last_when_something_else_runs():
+    ms = ["plain", "ngram", "flexdraft-flex"]
+    assert offline_sweep.run_order(ms, bracket=True) == [*ms, "plain-again"]
+    assert offline_sweep.run_order(ms, bracket=False) == ms
+    assert offline_sweep.run_order(["plain"], bracket=True) == ["plain"]  # nothing to bracket
+    assert offline_sweep.run_order(["flexdraft-flex"], bracket=True) == ["flexdraft-flex"]
+    assert offline_sweep.build_parser().parse_args([]).plain_bracket
+    base = {"dtype": "float32"}
+    assert offline_sweep.method_engine_kwargs("plain-again", base) == offline_sweep.method_engine_kwargs("plain", base)
+    with pytest.raises(argparse.ArgumentTypeError):  # the bracket's second run is not chosen by hand
+        offline_sweep.parse_methods("plain-again")
+
+
 @pytest.mark.parametrize("batch,minimum,want", [(1, 16, 16), (4, 16, 16), (3, 16, 18), (32, 16, 32), (64, 16, 64),
                                                 (2, 1, 2)])
 def test_cell_requests_are_whole_groups(batch, minimum, want):
