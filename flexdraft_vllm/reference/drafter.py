@@ -159,9 +159,15 @@ class FlexDraftDrafter(nn.Module):
         target,
         ctx_lens: torch.Tensor,  # [G] context length (= bonus position) of each block
         attend_for_layer: Callable[[int], Callable],  # layer index -> attend callback
+        block: int | None = None,  # B masks per block (default config.block_size; fewer: a trimmed block)
     ) -> torch.Tensor:  # [G, B, hidden] final-normed
-        """Run G mask blocks through the deep layers only (sequential draft pass)."""
-        B = self.config.block_size
+        """Run G mask blocks through the deep layers only (sequential draft pass).
+
+        A trimmed block (B < block_size) holds the bonus slot and B-1 drafts:
+        for a step that verifies fewer drafts than the block has, the masks
+        after them cost rows and change little."""
+        B = block or self.config.block_size
+        assert 2 <= B <= self.config.block_size, (B, self.config.block_size)
         G = ctx_lens.shape[0]
         positions = ctx_lens[:, None] + torch.arange(B, device=ctx_lens.device)[None, :]
         h = self.initial_mask_hidden(G, B)

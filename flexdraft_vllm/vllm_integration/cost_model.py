@@ -67,22 +67,25 @@ class CostModel:
         return self.num_layers * self._at(self.layer_s, rows) + self._at(self.head_s, rows)
 
     def step_s(self, arm: str, batch: int, drafts: float = 0.0, groups: float = 1.0,
-               masked: float | None = None) -> float:
+               masked: float | None = None, block: int | None = None) -> float:
         """Modelled weight work of one step of `batch` decoding requests.
 
         drafts: mean drafts verified per request (0 for "off"); groups: mask
         groups per request riding in the verify forward (parallel only);
         masked: requests that run mask blocks (default: all of them; fewer when
-        some took prompt-lookup drafts, which need no draft pass).
+        some took prompt-lookup drafts, which need no draft pass); block: masks
+        per block (default block_size; the proposer trims a block to its verify
+        cap + 1).
         """
         t = self.forward_s(batch * (1.0 + drafts))
         masked = batch if masked is None else masked
         if arm == "off" or masked <= 0:
             return t
-        masks = masked * self.block_size * (groups if arm == "parallel" else 1.0)
+        block = self.block_size if block is None else block
+        masks = masked * block * (groups if arm == "parallel" else 1.0)
         draft_head = self.head_s if self.draft_head_s is None else self.draft_head_s
         mask_layer = self.layer_s if self.mask_layer_s is None else self.mask_layer_s
-        return t + self.num_deep * self._at(mask_layer, masks) + self._at(draft_head, masked * (self.block_size - 1))
+        return t + self.num_deep * self._at(mask_layer, masks) + self._at(draft_head, masked * (block - 1))
 
     def row_s(self, rows: float) -> float:
         """Weight work one more row adds to a forward of `rows` rows (a verified draft)."""

@@ -243,7 +243,7 @@ class FlexPolicy:
             elif dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off"):
                 # an "off" step that verified lookup drafts prices verify rows; a
                 # drafting step, what its mask rows cost beyond its verify rows
-                verify, mask = self._model_extra(dec.arm, n, d, masked)
+                verify, mask = self._model_extra(dec.arm, n, d, masked, dec.max_drafts)
                 if dec.arm == "off":
                     arm, extra, paid = "lookup", verify, 0.0
                 else:
@@ -285,11 +285,14 @@ class FlexPolicy:
         if self._last is not None:
             self._last.drafts, self._last.masked = drafts / max(self._last.num_reqs, 1), masked
 
-    def _model_extra(self, arm: str, n: int, d: float, masked: float | None = None) -> tuple[float, float]:
-        """Modelled extra seconds over a plain step: (verify rows, mask rows)."""
+    def _model_extra(self, arm: str, n: int, d: float, masked: float | None = None,
+                     cap: int | None = None) -> tuple[float, float]:
+        """Modelled extra seconds over a plain step: (verify rows, mask rows).
+        cap: the decision's verify cap; a mask block is trimmed to cap + 1."""
         groups = min(d + 1.0, self.max_groups or d + 1.0)
+        block = None if cap is None else max(2, min(self.cost.block_size, cap + 1))
         verified = self.cost.step_s("off", n, d)
-        return verified - self.cost.step_s("off", n), self.cost.step_s(arm, n, d, groups, masked) - verified
+        return verified - self.cost.step_s("off", n), self.cost.step_s(arm, n, d, groups, masked, block) - verified
 
     def _corr(self, arm: str, b: int, default: float = 1.0) -> float:
         for key in ((arm, b), (arm, None)):
@@ -331,7 +334,7 @@ class FlexPolicy:
         for arm in self.candidates:
             c = self._corr(arm, b)
             for k in range(1, self.max_drafts + 1):
-                verify, mask = self._model_extra(arm, num_reqs, acc.drafts(k))
+                verify, mask = self._model_extra(arm, num_reqs, acc.drafts(k), cap=k)
                 t = t0 + s * verify + c * mask
                 out.append((num_reqs * acc.tokens(k) / t, t, Decision(arm, k)))
         return sorted(out, key=lambda x: -x[0])

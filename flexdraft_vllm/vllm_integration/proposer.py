@@ -7,7 +7,9 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
              recovered/bonus token are already in its output); not yet in the
              KV cache; it sits at position ctx = num_tokens_no_spec - 1.
   draft pass one block of B masks at positions ctx .. ctx+B-1 through the deep
-             layers only, attending to the request's paged KV cache [0, ctx)
+             layers only (B = the step's verify cap + 1, at most the drafter's
+             block_size: masks past the last draft verified are never read, and
+             a trimmed block drafts its first slots as well as a full one), attending to the request's paged KV cache [0, ctx)
              (which now holds exactly the accepted tokens) plus its own block.
              Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
              with the bonus (calib_anchor="chain": slot k with draft k-1).
@@ -80,6 +82,7 @@ class FlexDraftProposer:
         self._decode_only = False
         self._draft_s = 0.0
         self._next_parallel = False  # the policy chose "parallel" for the coming step
+        self._next_block = self.config.block_size  # ... with blocks of this many masks (its cap + 1)
         self._pending = None  # (runner, scheduler_output) of a step that will carry mask groups
         self._building: MaskStream | None = None  # mask groups inside the running forward
         self._stream: MaskStream | None = None  # the finished step's mask groups
@@ -223,8 +226,8 @@ class FlexDraftProposer:
         if plan is None:
             return None
         bt = ib.block_table[0].get_device_tensor(R)
-        stream = MaskStream(plan, bt, self.drafter.mask_embedding, self.config.block_size)
-        stream.attend_for = self._attention(bt, stream.rows, stream.ctx)
+        stream = MaskStream(plan, bt, self.drafter.mask_embedding, self._next_block)
+        stream.attend_for = self._attention(bt, stream.rows, stream.ctx, self._next_block)
         return stream
 
     # ---- drafts after sampling ---------------------------------------------------------
@@ -252,6 +255,8 @@ class FlexDraftProposer:
         self.policy.observe(sum(len(s) for s in sampled_token_ids), outcomes, step_s, lookup_outcomes)
         dec = self.policy.decide(len(live), [req_ids[i] for i in live]) if live else None
         self._next_parallel = dec is not None and dec.arm == "parallel"
+        if self._next_parallel:
+            self._next_block = self.block_for(dec.max_drafts)
         self._looked_up = set()
         lookup_on = dec is not None and dec.lookup and self.config.prompt_lookup_max > 0
         if dec is None or (dec.arm == "off" and not lookup_on):
@@ -264,14 +269,16 @@ class FlexDraftProposer:
             self.policy.drafted(sum(len(d) for d in drafts), masked=0)
             self._draft_s = time.perf_counter() - t0
             return drafts
-        K = min(self.config.block_size - 1, self.max_drafts)
         max_len = min(self.max_drafts, dec.max_drafts)
+        K = self.block_for(max_len) - 1  # draft slots read per block
         # parallel: the group of the actual outcome; its slot 0 must sit on the new bonus
         par_rows, par_groups = ([], []) if stream is None or stream.normed is None else pick_groups(stream.plan, sampled_token_ids)
         group_ctx = stream.plan.group_ctx.reshape(-1) if par_rows else None  # host copy: no device sync per row
         keep = [j for j, (i, g) in enumerate(zip(par_rows, par_groups))
                 if int(group_ctx[g]) == int(ntok[i]) - 1 and i not in looked]
         par_rows, par_groups = [par_rows[j] for j in keep], [par_groups[j] for j in keep]
+        if par_rows:  # blocks sized by the previous decision: one width for parallel and sequential rows
+            K = min(K, stream.normed.shape[1] - 1)
         done = set(par_rows) | looked
         # room for drafts: positions up to max_model_len - 1 (the bonus sits at ctx)
         seq_rows = [i for i in live if i not in done and int(ntok[i]) + 1 < self.max_model_len]
@@ -281,20 +288,22 @@ class FlexDraftProposer:
         if seq_rows:
             idx = torch.tensor(seq_rows, device=self.view.device)
             ctx = torch.tensor([int(ntok[i]) - 1 for i in seq_rows], device=self.view.device)
-            normed = self.drafter.draft_hidden(self.mask_view, ctx, self._attention(block_table, idx, ctx[:, None]))
+            normed = self.drafter.draft_hidden(self.mask_view, ctx,
+                                               self._attention(block_table, idx, ctx[:, None], K + 1), block=K + 1)
             parts.append(normed[:, 1 : 1 + K])
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:
             bonus = torch.tensor([sampled_token_ids[i][-1] for i, _ in rows], device=self.view.device)
-            cut = VerifyCut(self.config.verify_rule, self.config.tau, self.config.min_confidence, max_len)
+            cut = VerifyCut(self.config.verify_rule, self.config.tau, self.config.min_confidence, min(max_len, K))
             logits = self.drafter.block_logits(self.mask_view, torch.cat(parts), bonus, cut=cut)  # [N, K'<=K, K_vocab]
             # argmax drafts, their confidences and the verify length (Triton on CUDA)
             cd = calibrated_drafts(logits, None, self.config.verify_rule, self.config.tau,
-                                   self.config.min_confidence, max_len=max_len)
+                                   self.config.min_confidence, max_len=min(max_len, K))
             conf, ids, n = cd.conf, self.drafter.token_ids(cd.argmax_ids), cd.num_drafts  # [N, K], [N, K], [N]
             ids, n = ids.tolist(), n.tolist()
             if self.num_records < self.record_limit:
-                self._record(runner, rows, ids, conf, n, [g % stream.plan.max_groups for g in par_groups] if par_rows else [])
+                self._record(runner, rows, ids, conf, n, [g % stream.plan.max_groups for g in par_groups] if par_rows else [],
+                             stream.normed.shape[1] if par_rows else None, K + 1)
             for r, (i, c) in enumerate(rows):
                 room = self.max_model_len - (c + 1) - 1
                 drafts[i] = ids[r][: max(0, min(n[r], room))]
@@ -329,7 +338,7 @@ class FlexDraftProposer:
         self.lookup_requests += len(found)
         return found
 
-    def _record(self, runner, rows, ids, conf, n, par_groups: list[int]) -> None:
+    def _record(self, runner, rows, ids, conf, n, par_groups: list[int], par_block: int | None, seq_block: int) -> None:
         """rows: the parallel rows (their group index in par_groups) then the sequential ones."""
         tok = runner.input_batch.token_ids_cpu
         with open(self.record_file, "a") as f:
@@ -337,11 +346,21 @@ class FlexDraftProposer:
                 if self.num_records >= self.record_limit:
                     return
                 f.write(json.dumps({"prefix": tok[i, : c + 1].tolist(), "ids": ids[r], "conf": conf[r].tolist(),
-                                    "n": n[r], "path": "parallel" if r < len(par_groups) else "sequential",
+                                    "n": n[r], "block": par_block if r < len(par_groups) else seq_block,
+                                    "path": "parallel" if r < len(par_groups) else "sequential",
                                     "group": par_groups[r] if r < len(par_groups) else None}) + "\n")
                 self.num_records += 1
 
-    def _attention(self, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor):
+    def block_for(self, max_drafts: int) -> int:
+        """Masks per block for a step verifying at most max_drafts drafts: slot 0
+        (the bonus slot) and one per draft. Masks past the last verified draft
+        would only feed the others through in-block attention, and a trimmed
+        block drafts its first slots as well as the full one (held-out slot-1
+        accuracy 0.586-0.593 at 2-5 masks against 0.578 at 8; data in
+        benchmarks/results/drafter-eval)."""
+        return max(2, min(self.config.block_size, max_drafts + 1))
+
+    def _attention(self, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor, block: int):
         """layer -> the attend callback of one pass's mask blocks, laid out [N, G]
         (rows [N] of the block table, ctx [N, G]); the drafter passes them flat as
         [N*G, B, ...]. What does not depend on the layer is computed here, once."""
@@ -367,7 +386,7 @@ class FlexDraftProposer:
 
             return for_layer
         table = block_table[rows]  # CPU_ATTN layout: one gather per request, shared by its groups
-        mask = paged_kv.CpuBlockMask(ctx, self.config.block_size, self.view.device)
+        mask = paged_kv.CpuBlockMask(ctx, block, self.view.device)
         grouped = lambda t: t.view(N, G, *t.shape[1:])  # noqa: E731
 
         def for_layer(layer_idx: int):

@@ -87,9 +87,11 @@ def fd_llm(target_dir, record_file):
     # its next drafts from group 0 or 1 computed inside the verify forward, one
     # that accepted more from the sequential draft pass, so both paths run;
     # every step drafts, so stops land inside accepted blocks
-    # float32 drafts: compared with the float32 reference drafter below
-    llm = make_llm(target_dir, flexdraft={"mode": "parallel", "max_parallel_groups": 2, "draft_dtype": "float32"},
-                   max_num_seqs=8)
+    # float32 drafts: compared with the float32 reference drafter below;
+    # max_verify 3: blocks trimmed to 4 masks (the full block runs in the
+    # parametrized greedy tests above)
+    llm = make_llm(target_dir, flexdraft={"mode": "parallel", "max_parallel_groups": 2, "draft_dtype": "float32",
+                                          "max_verify": 3}, max_num_seqs=8)
     os.environ.pop("FLEXDRAFT_RECORD_DRAFTS")
     yield llm
     shutdown(llm)
@@ -142,6 +144,7 @@ def test_paged_draft_pass_matches_reference(fd_llm, record_file, target_dir, pro
     g1 = [r for r in by_path["parallel"] if r["group"] == 1]
     assert g1, "no request took its drafts from mask group 1"
     recs = by_path["sequential"][:6] + g1[:4] + [r for r in by_path["parallel"] if r["group"] == 0][:6]
+    assert {r["block"] for r in recs} == {4}, "blocks are trimmed to max_verify + 1 masks"
     target = load_target(str(target_dir))
     drafter = FlexDraftDrafter.load(bundled_drafters()[0], target)
     for rec in recs:
@@ -151,7 +154,8 @@ def test_paged_draft_pass_matches_reference(fd_llm, record_file, target_dir, pro
         cache.commit(out.new_k[0], out.new_v[0], len(prefix) - 1)
         ctx = torch.tensor([cache.length])
         with torch.no_grad():
-            h = drafter.draft_hidden(target, ctx, lambda l: dense_block_attend(*cache.layer_kv(l, target), ctx, target.scale))
+            h = drafter.draft_hidden(target, ctx, lambda l: dense_block_attend(*cache.layer_kv(l, target), ctx, target.scale),
+                                     block=rec["block"])  # the (trimmed) block vLLM ran
             k = len(rec["ids"])
             # chain anchoring: slot j+1 is calibrated with the draft vLLM chose for slot j
             # (its own argmax could flip on a near-tie and derail the slots after it)

@@ -27,6 +27,11 @@ def test_drafting_only_adds_work():
     expect = 30 * MODEL._at(MODEL.layer_s, 256) + MODEL._at(MODEL.head_s, 256) \
         + 10 * MODEL._at(MODEL.layer_s, 512) + MODEL._at(MODEL.head_s, 448)
     assert seq == pytest.approx(expect)
+    # a block trimmed to the verify cap + 1 (3 drafts: 4 masks) costs its own rows only
+    trimmed = 30 * MODEL._at(MODEL.layer_s, 256) + MODEL._at(MODEL.head_s, 256) \
+        + 10 * MODEL._at(MODEL.layer_s, 256) + MODEL._at(MODEL.head_s, 192)
+    assert MODEL.step_s("sequential", 64, 3, block=4) == pytest.approx(trimmed) and trimmed < seq
+    assert MODEL.step_s("parallel", 64, 3, 4, block=4) < par
 
 
 def test_measure_times_the_given_work():
