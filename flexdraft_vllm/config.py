@@ -30,6 +30,15 @@ class FlexDraftConfigError(ValueError):
     """A FlexDraft configuration or checkpoint problem, with the fix in the message."""
 
 
+def trimmed_block(block_size: int, max_drafts: int) -> int:
+    """Masks per block for a step verifying at most max_drafts drafts: slot 0
+    (the bonus slot) and one per draft, at least 2 and at most block_size.
+    Masks past the last verified draft are never read; they only feed the
+    others through in-block attention, and held-out slot accuracy does not
+    depend on them (benchmarks/results/drafter-eval/block-trim.md)."""
+    return max(2, min(block_size, max_drafts + 1))
+
+
 @dataclass(frozen=True)
 class FlexDraftConfig:
     # ---- describes the weights (from the checkpoint) -------------------------
@@ -138,6 +147,10 @@ class FlexDraftConfig:
     def num_drafts(self) -> int:
         """Most drafts one block can propose."""
         return self.block_size - 1 if self.max_verify is None else self.max_verify
+
+    def block_for(self, max_drafts: int) -> int:
+        """Masks per block for a step that verifies at most max_drafts drafts."""
+        return trimmed_block(self.block_size, max_drafts)
 
     @property
     def deep_layers(self) -> range:

@@ -176,12 +176,13 @@ def generate_flexdraft(
 
     # ---- prefill: prompt as candidates; in parallel mode one block after it ----
     par = mode == "parallel"
+    masks = cfg.block_for(cfg.num_drafts)  # per block, as vLLM runs them: trimmed to the verify cap + 1 masks
     out = step_forward(target, drafter, [r.cache for r in reqs], [torch.tensor(r.prompt) for r in reqs],
-                       anchors=[[len(r.prompt) - 1] for r in reqs] if par else None)
+                       anchors=[[len(r.prompt) - 1] for r in reqs] if par else None, block=masks)
     for r, lg, k, v in zip(reqs, out.logits, out.new_k, out.new_v):
         r.cache.commit(k, v, len(r.prompt))
         _finish(r, [_sample_first(r, lg[-1], temperature)], max_new_tokens, eos_id)
-    blocks = out.mask_hidden if par else [h[0] for h in draft_pass(target, drafter, [r.cache for r in reqs])]
+    blocks = out.mask_hidden if par else [h[0] for h in draft_pass(target, drafter, [r.cache for r in reqs], masks)]
     for r, blk in zip(reqs, blocks):
         if not r.done:
             _propose(target, drafter, r, blk[0] if par else blk, 0, temperature)
@@ -193,7 +194,7 @@ def generate_flexdraft(
         cands = [torch.tensor([r.out[-1]] + r.drafts) for r in act]
         groups = [min(len(r.drafts) + 1, cfg.max_parallel_groups or 10**9) for r in act]
         out = step_forward(target, drafter, [r.cache for r in act], cands,
-                           anchors=[list(range(g)) for g in groups] if par else None)
+                           anchors=[list(range(g)) for g in groups] if par else None, block=masks)
         K = max(len(r.drafts) for r in act)
         V = out.logits[0].shape[-1]
         tl = torch.zeros(len(act), K + 1, V, device=dev)
@@ -228,5 +229,5 @@ def generate_flexdraft(
                 _propose(target, drafter, r, out.mask_hidden[i][g], a - g, temperature)
         else:
             live = [r for r in act if not r.done]
-            for r, blk in zip(live, draft_pass(target, drafter, [r.cache for r in live])):
-                _propose(target, drafter, r, blk[0], 0, temperature)
+            for r, h in zip(live, draft_pass(target, drafter, [r.cache for r in live], masks)):
+                _propose(target, drafter, r, h[0], 0, temperature)

@@ -65,6 +65,7 @@ def step_forward(
     caches: list[RequestCache],
     candidates: list[torch.Tensor],  # per request [n_cand] token ids
     anchors: list[list[int]] | None = None,  # per request: candidate index each mask block follows
+    block: int | None = None,  # masks per block (default the drafter's block_size; fewer: trimmed)
 ) -> StepOutput:
     dev = target.device
     lens = [int(c.numel()) for c in candidates]
@@ -73,7 +74,7 @@ def step_forward(
     splits = torch.tensor(lens).cumsum(0).tolist()
     starts = [0] + splits[:-1]
 
-    B = drafter.config.block_size if drafter is not None else 0
+    B = (block or drafter.config.block_size) if drafter is not None else 0
     s = drafter.config.split_layer if drafter is not None else target.num_layers
     anchors = anchors if (anchors is not None and drafter is not None) else [[] for _ in caches]
     ctx_lens = [torch.tensor([c.length + a + 1 for a in anc], device=dev, dtype=torch.long) for c, anc in zip(caches, anchors)]
@@ -114,6 +115,7 @@ def draft_pass(
     target: TargetAdapter,
     drafter: FlexDraftDrafter,
     caches: list[RequestCache],
+    block: int | None = None,  # masks per block (default the drafter's block_size)
 ) -> list[torch.Tensor]:  # per request [1, B, h] final-normed
     """Sequential mode: one block per request right after its cache (bonus slot
     = cache_len), deep layers only, over the committed K/V."""
@@ -121,5 +123,6 @@ def draft_pass(
     for cache in caches:
         ctx = torch.tensor([cache.length], device=target.device)
         out.append(drafter.draft_hidden(
-            target, ctx, lambda l, c=cache, ctx=ctx: dense_block_attend(*c.layer_kv(l, target), ctx, target.scale)))
+            target, ctx, lambda l, c=cache, ctx=ctx: dense_block_attend(*c.layer_kv(l, target), ctx, target.scale),
+            block=block))
     return out

@@ -61,6 +61,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
+from flexdraft_vllm.config import trimmed_block
 from flexdraft_vllm.vllm_integration.cost_model import CostModel
 
 ARMS = ("parallel", "sequential", "off")
@@ -290,7 +291,7 @@ class FlexPolicy:
         """Modelled extra seconds over a plain step: (verify rows, mask rows).
         cap: the decision's verify cap; a mask block is trimmed to cap + 1."""
         groups = min(d + 1.0, self.max_groups or d + 1.0)
-        block = None if cap is None else max(2, min(self.cost.block_size, cap + 1))
+        block = None if cap is None else trimmed_block(self.cost.block_size, cap)
         verified = self.cost.step_s("off", n, d)
         return verified - self.cost.step_s("off", n), self.cost.step_s(arm, n, d, groups, masked, block) - verified
 

@@ -7,10 +7,11 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
              recovered/bonus token are already in its output); not yet in the
              KV cache; it sits at position ctx = num_tokens_no_spec - 1.
   draft pass one block of B masks at positions ctx .. ctx+B-1 through the deep
-             layers only (B = the step's verify cap + 1, at most the drafter's
-             block_size: masks past the last draft verified are never read, and
-             a trimmed block drafts its first slots as well as a full one), attending to the request's paged KV cache [0, ctx)
+             layers only, attending to the request's paged KV cache [0, ctx)
              (which now holds exactly the accepted tokens) plus its own block.
+             B = the step's verify cap + 1, at most the drafter's block_size
+             (config.trimmed_block): masks past the last verified draft are
+             never read.
              Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
              with the bonus (calib_anchor="chain": slot k with draft k-1).
              This is parallel mode's group `a` computed after verification
@@ -256,7 +257,7 @@ class FlexDraftProposer:
         dec = self.policy.decide(len(live), [req_ids[i] for i in live]) if live else None
         self._next_parallel = dec is not None and dec.arm == "parallel"
         if self._next_parallel:
-            self._next_block = self.block_for(dec.max_drafts)
+            self._next_block = self.config.block_for(dec.max_drafts)
         self._looked_up = set()
         lookup_on = dec is not None and dec.lookup and self.config.prompt_lookup_max > 0
         if dec is None or (dec.arm == "off" and not lookup_on):
@@ -270,7 +271,7 @@ class FlexDraftProposer:
             self._draft_s = time.perf_counter() - t0
             return drafts
         max_len = min(self.max_drafts, dec.max_drafts)
-        K = self.block_for(max_len) - 1  # draft slots read per block
+        K = self.config.block_for(max_len) - 1  # draft slots read per block
         # parallel: the group of the actual outcome; its slot 0 must sit on the new bonus
         par_rows, par_groups = ([], []) if stream is None or stream.normed is None else pick_groups(stream.plan, sampled_token_ids)
         group_ctx = stream.plan.group_ctx.reshape(-1) if par_rows else None  # host copy: no device sync per row
@@ -350,15 +351,6 @@ class FlexDraftProposer:
                                     "path": "parallel" if r < len(par_groups) else "sequential",
                                     "group": par_groups[r] if r < len(par_groups) else None}) + "\n")
                 self.num_records += 1
-
-    def block_for(self, max_drafts: int) -> int:
-        """Masks per block for a step verifying at most max_drafts drafts: slot 0
-        (the bonus slot) and one per draft. Masks past the last verified draft
-        would only feed the others through in-block attention, and a trimmed
-        block drafts its first slots as well as the full one (held-out slot-1
-        accuracy 0.586-0.593 at 2-5 masks against 0.578 at 8; data in
-        benchmarks/results/drafter-eval)."""
-        return max(2, min(self.config.block_size, max_drafts + 1))
 
     def _attention(self, block_table: torch.Tensor, rows: torch.Tensor, ctx: torch.Tensor, block: int):
         """layer -> the attend callback of one pass's mask blocks, laid out [N, G]

@@ -86,6 +86,11 @@ def test_max_verify_caps_num_drafts():
     assert cfg(block_size=4).num_drafts == 3
 
 
+def test_a_block_is_trimmed_to_the_verify_cap():
+    c = cfg(block_size=8)
+    assert [c.block_for(k) for k in (0, 1, 2, 3, 7, 9)] == [2, 2, 3, 4, 8, 8]  # bonus slot + one per draft
+
+
 @pytest.mark.parametrize(
     "kw",
     [

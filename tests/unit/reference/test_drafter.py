@@ -150,6 +150,11 @@ def test_save_load_round_trip_float32(tmp_path, tiny_target):
     with torch.no_grad():
         torch.testing.assert_close(back.draft_hidden(tiny_target, ctx, att), d.draft_hidden(tiny_target, ctx, att))
     assert back.draft_hidden(tiny_target, ctx, att).shape == (1, B, 48)
+    # a trimmed block: its own rows only; the bonus slot and at least one draft
+    assert d.draft_hidden(tiny_target, ctx, att, block=2).shape == (1, 2, 48)
+    for bad in (1, B + 1):
+        with pytest.raises(AssertionError):
+            d.draft_hidden(tiny_target, ctx, att, block=bad)
 
 
 def test_default_save_is_half_precision(tmp_path, tiny_target):
