@@ -66,10 +66,18 @@ class VerifyCut:
         if rule not in ("cumprod", "min"):
             raise ValueError(f"unknown verify rule {rule!r}: use cumprod or min")
         self.rule, self.tau, self.min_conf, self.max_len = rule, tau, min_conf, max_len
-        self.confs: list[torch.Tensor] = []  # [N] confidence of each slot pushed so far
+        self.slots = 0
+        self.prod: torch.Tensor | None = None  # [N] fp64 running product of confidences (cumprod rule)
+        self.alive: torch.Tensor | None = None  # [N] bool: the row's kept prefix reaches the last slot
 
     def push(self, conf: torch.Tensor) -> bool:  # conf [N]: confidence of the next slot
-        self.confs.append(conf)
-        k = len(self.confs)
-        kept = kept_prefix(torch.stack(self.confs, 1), self.rule, self.tau, self.min_conf)  # [N]
-        return (self.max_len is not None and k >= self.max_len) or bool((kept < k).all())
+        """O(1) per slot: the kept prefix of kept_prefix, carried as a running
+        product and a still-unbroken flag per row."""
+        self.slots += 1
+        if self.rule == "cumprod":
+            self.prod = conf.double() if self.prod is None else self.prod * conf.double()
+            keep = self.prod >= self.tau
+        else:
+            keep = conf >= self.min_conf
+        self.alive = keep if self.alive is None else self.alive & keep
+        return (self.max_len is not None and self.slots >= self.max_len) or not bool(self.alive.any())
