@@ -33,7 +33,7 @@ setup(
     ],
     # PyPI already has a `kernels` package: ours installs as flexdraft_kernels.
     package_dir={"flexdraft_kernels": "kernels"},
-    package_data={"flexdraft_vllm": ["drafters/*/*.json", "drafters/*/*.safetensors", "configs/*.json"]},
+    package_data={"flexdraft_vllm": ["drafters/*/*.json", "drafters/*/*.safetensors", "configs/*.json", "data/*.jsonl"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.9",

@@ -100,15 +100,42 @@ def synthesize_prompts(llm, first: int, n: int, seed: int) -> list[tuple[int, st
     return out
 
 
-def _extend_prompts(prompt_file: Path, num_prompts: int, prompts_jsonl: str | None, seed: int, get_llm) -> list[str]:
-    """prompts.jsonl grows to num_prompts; existing prompts keep their order.
+def _extend_prompts(prompt_file: Path, num_prompts: int, prompts_jsonl: str | None, seed: int, get_llm,
+                    extra_jsonl: str | None = None, extra_limit: int = 0) -> list[str]:
+    """prompts.jsonl grows to num_prompts, then the extra prompts (the first
+    extra_limit of extra_jsonl, 0 = all) follow; existing prompts keep their order.
 
     Rows are {"prompt", "j"}: j is the synthesis candidate index (-1 for a
-    prompt read from prompts_jsonl), so growth continues after the last one.
+    prompt read from prompts_jsonl), so growth continues after the last one;
+    extra prompts carry "src": "extra". They come after the num_prompts base
+    prompts, so a dataset made at once equals one grown in steps; the base
+    cannot grow once extras are in (answers follow the file's order).
     """
     rows = _read_jsonl(prompt_file) if prompt_file.exists() else []
+    n0 = len(rows)
+    extra = [r for r in rows if r.get("src") == "extra"]
+    rows = [r for r in rows if r.get("src") != "extra"]
+    if extra and len(rows) < num_prompts:
+        raise ValueError(f"{prompt_file}: num_prompts={num_prompts} would grow the base prompts ({len(rows)}) after "
+                         f"{len(extra)} extra prompts were added; keep num_prompts or use a new work_dir")
+    rows = _grow_base(rows, num_prompts, prompts_jsonl, seed, get_llm)
+    if extra_jsonl:
+        from flexdraft_vllm.prompts import jsonl_prompts
+
+        seen = {r["prompt"] for r in rows + extra}
+        want = list(dict.fromkeys(jsonl_prompts(extra_jsonl)))[: extra_limit or None]
+        extra += [{"prompt": q, "j": -1, "src": "extra"} for q in want if q not in seen]
+    rows += extra
+    if len(rows) != n0:  # rows are only ever added
+        _write_jsonl(prompt_file, rows)
+    return [r["prompt"] for r in rows]
+
+
+def _grow_base(rows: list[dict], num_prompts: int, prompts_jsonl: str | None, seed: int, get_llm) -> list[dict]:
+    """The base prompts grown to num_prompts: prompts_jsonl's (only into an
+    empty file), then synthesis candidates after the last one used."""
     if len(rows) >= num_prompts:
-        return [r["prompt"] for r in rows]
+        return rows
     if not rows and prompts_jsonl:
         from flexdraft_vllm.prompts import jsonl_prompts
 
@@ -124,8 +151,7 @@ def _extend_prompts(prompt_file: Path, num_prompts: int, prompts_jsonl: str | No
                 seen.add(q)
                 rows.append({"prompt": q, "j": j})
         nxt += n
-    _write_jsonl(prompt_file, rows)
-    return [r["prompt"] for r in rows]
+    return rows
 
 
 def answer_prompts(prompts: list[str], seq_file: Path, answer, chunk: int = 256) -> list[dict]:
@@ -166,6 +192,8 @@ def build_dataset(
     max_new_tokens: int = 256,
     prompts_jsonl: str | None = None,
     seed: int = 0,
+    extra_prompts_jsonl: str | None = None,
+    extra_prompts: int = 0,
 ) -> Path:
     """Stages 1-2. Returns the path of sequences.jsonl (prompt_ids, response_ids).
 
@@ -191,7 +219,8 @@ def build_dataset(
         # before prompts.jsonl grows.
         n_prompts = len(_read_jsonl(prompt_file)) if prompt_file.exists() else 0
         _write_progress(seq_file, n_prompts, len(_read_jsonl(seq_file)))
-    prompts = _extend_prompts(prompt_file, num_prompts, prompts_jsonl, seed, get_llm)
+    prompts = _extend_prompts(prompt_file, num_prompts, prompts_jsonl, seed, get_llm, extra_prompts_jsonl,
+                              extra_prompts)
     done = json.loads(_progress_file(seq_file).read_text()) if seq_file.exists() else None
     if done and done["prompts"] < len(prompts):
         drop_stale_kv_shard(out, done["rows"])  # before answering: a crash must not leave it

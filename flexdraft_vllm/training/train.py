@@ -48,6 +48,8 @@ class TrainConfig:
     out: str = "flexdraft_vllm/drafters/smollm2-135m"
     work_dir: str = ".cache/train/smollm2-135m"
     prompts_jsonl: str | None = None
+    extra_prompts_jsonl: str | None = None  # prompts added after the num_prompts base ones (data.py)
+    extra_prompts: int = 0  # how many of them (the first N; 0 = all)
     num_prompts: int = 600
     max_new_tokens: int = 256
     split_layer: int = 20
@@ -310,7 +312,8 @@ def train(cfg: TrainConfig) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     t0 = time.time()
-    seq_file = build_dataset(target_dir, work, cfg.num_prompts, cfg.max_new_tokens, cfg.prompts_jsonl, cfg.seed)
+    seq_file = build_dataset(target_dir, work, cfg.num_prompts, cfg.max_new_tokens, cfg.prompts_jsonl, cfg.seed,
+                             cfg.extra_prompts_jsonl, cfg.extra_prompts)
     target = load_target(target_dir)
     stamp = Path(target_dir) / "flexdraft_prepared.json"
     meta = json.loads(stamp.read_text()) if stamp.exists() else {}

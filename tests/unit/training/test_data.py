@@ -29,6 +29,45 @@ def test_prompts_grow_to_what_one_run_would_make(tmp_path, monkeypatch):
     assert data._extend_prompts(two, 10, None, 7, lambda: None) == whole  # never shrinks
 
 
+def test_extra_prompts_follow_the_base_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "synthesize_prompts", fake_synth)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"prompt": f"def f{i}(): ..."}) + "\n" for i in range(6)))
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    whole = data._extend_prompts(one, 20, None, 7, lambda: None, str(extra), 4)
+    base = data._extend_prompts(two, 20, None, 7, lambda: None)
+    grown = data._extend_prompts(two, 20, None, 7, lambda: None, str(extra), 4)
+    assert grown == whole == base + [f"def f{i}(): ..." for i in range(4)]  # made at once = grown in steps
+    assert data._extend_prompts(two, 20, None, 7, lambda: None, str(extra), 6)[-2:] == ["def f4(): ...", "def f5(): ..."]
+    assert data._extend_prompts(two, 20, None, 7, lambda: None) == grown + ["def f4(): ...", "def f5(): ..."]
+    with pytest.raises(ValueError, match="would grow the base prompts"):  # answers follow the file's order
+        data._extend_prompts(two, 30, None, 7, lambda: None)
+
+
+def test_stdlib_prompts_are_documented_public_functions():
+    from flexdraft_vllm.training.stdlib_prompts import INSTRUCTION, function_prompts
+
+    src = '''
+def add(a, b=1) -> int:
+    """Return the sum of a and b, where b defaults to one unless given."""
+    return a + b
+
+def _private(x):
+    """A private helper that should never become a prompt at all."""
+
+def short(x):
+    """Too short."""
+
+class Box:
+    def get(self, key):
+        """Return the value stored under key, or raise KeyError if absent."""
+'''
+    got = dict(function_prompts(src))
+    assert sorted(got) == ["Box.get", "add"]
+    assert got["add"] == INSTRUCTION + 'def add(a, b=1) -> int:\n    """Return the sum of a and b, where b defaults to one unless given.\n    """\n'
+    assert function_prompts("def broken(:\n") == []
+
+
 def test_answers_resume_after_the_last_finished_chunk(tmp_path):
     seq = tmp_path / "sequences.jsonl"
     prompts = [f"q{i}" for i in range(10)]
