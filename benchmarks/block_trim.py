@@ -36,20 +36,8 @@ def slot_accuracy(target, drafter, batch, block: int) -> list[float]:
     from flexdraft_vllm.training import train as T
 
     kv, ctx, tgt, bonus = batch
-    N, G = ctx.shape
-    s = drafter.config.split_layer
-
-    def attend_for(l: int):
-        from flexdraft_vllm.reference.attention import batched_block_attention
-
-        def attend(q, k, v):
-            split = lambda t: t.reshape(N, G, *t.shape[1:])  # noqa: E731
-            return batched_block_attention(split(q), split(k), split(v), kv[l - s, 0], kv[l - s, 1], ctx,
-                                           target.scale).flatten(0, 1)
-        return attend
-
-    h = drafter.draft_hidden(target, ctx.reshape(-1), attend_for, block=block)[:, 1:]  # [N*G, block-1, h]
-    t = tgt.reshape(N * G, -1)[:, : block - 1]
+    h = T.draft_forward(target, drafter, kv, ctx, block)[:, 1:]  # [N*G, block-1, h]
+    t = tgt.reshape(h.shape[0], -1)[:, : block - 1]
     valid = t != -100
     anchor = T.calib_anchors(drafter.config.calib_anchor, bonus.reshape(-1), t)
     hit = (drafter.draft_logits(target, h, anchor).float().argmax(-1) == T.draft_vocab_index(drafter, t)) & valid

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
+CODE_INSTRUCTION = "Complete this Python function. Reply with code only.\n\n"  # HumanEval's and stdlib prompts' lead
 
 
 @lru_cache(maxsize=None)
@@ -25,7 +26,7 @@ def humaneval_prompts() -> tuple[str, ...]:
     with opener(path, "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return tuple(
-        "Complete this Python function. Reply with code only.\n\n" + r["prompt"] for r in rows
+        CODE_INSTRUCTION + r["prompt"] for r in rows
     )
 
 

@@ -18,9 +18,8 @@ modules (leading underscore), idlelib/tkinter/test packages and
 duplicate names are skipped; the prompts are collected in sorted module
 path and source order, then shuffled with a fixed seed (so the first N are a
 sample across the library), and a given Python version always yields the
-same file. The
-bundled JSONL was made with CPython 3.11.7 and is what the training config
-reads (`extra_prompts_jsonl`), so a different local Python changes nothing.
+same file. The bundled JSONL was made with CPython 3.11.7; a training config
+names it in `extra_prompts_jsonl`, so a different local Python changes nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import random
 import sysconfig
 from pathlib import Path
 
-INSTRUCTION = "Complete this Python function. Reply with code only.\n\n"
+from flexdraft_vllm.prompts import CODE_INSTRUCTION as INSTRUCTION
 SKIP_PARTS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
               "__pycache__", "pydoc_data", "encodings"}
 

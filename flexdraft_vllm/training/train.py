@@ -138,6 +138,7 @@ def draft_forward(
     drafter: FlexDraftDrafter,
     kv: torch.Tensor,  # [n_deep, 2, N, T, Hkv, D] frozen real-token K/V of N sequences
     ctx: torch.Tensor,  # [N, G] anchors (bonus slots): block (n, g) sees real tokens [0, ctx[n, g])
+    block: int | None = None,  # masks per block (default block_size; fewer: a trimmed block)
 ) -> torch.Tensor:  # [N*G, B, hidden] final-normed mask hidden
     N, G = ctx.shape
     s = drafter.config.split_layer
@@ -151,7 +152,7 @@ def draft_forward(
                                            target.scale).flatten(0, 1)
         return attend
 
-    return drafter.draft_hidden(target, ctx.reshape(-1), attend_for)
+    return drafter.draft_hidden(target, ctx.reshape(-1), attend_for, block=block)
 
 
 def step_loss(
