@@ -1,14 +1,18 @@
 """Does a trimmed mask block draft as well as the full one? (teacher-forced, held out)
 
   python benchmarks/block_trim.py --drafter flexdraft_vllm/drafters/smollm2-135m \\
-      --work-dir .cache/train/smollm2-135m-r5 --blocks 8,5,4,3,2
+      --work-dir .cache/train/smollm2-135m-r4 --blocks 8,5,4,3,2
+  python benchmarks/block_trim.py --work-dir .cache/eval/heldout-s99 --make-heldout 48 --prompt-seed 99
 
 vLLM runs a block of cap + 1 masks for a step that verifies at most `cap`
 drafts (config.trimmed_block), not the drafter's full block_size. Masks share
 their block bidirectionally, so the masks past the last verified draft could
 still matter to the ones before them. This measures it: the last `--holdout`
 sequences of a training work dir (the ones training held out; their frozen
-deep-layer K/V are in its kv_s<split> shards), `--blocks-per-seq` random anchors
+deep-layer K/V are in its kv_s<split> shards; or, with --make-heldout N, N new
+self-distilled sequences made there by training's data stage from prompts the
+target synthesises with --prompt-seed, a seed no training config uses, so
+none of them was trained on), `--blocks-per-seq` random anchors
 each, every draft slot's top-1 accuracy against the target's own token, per
 block length. The same anchors for every length.
 
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drafter", default="flexdraft_vllm/drafters/smollm2-135m")
     ap.add_argument("--work-dir", required=True, help="a training work dir (sequences.jsonl + kv_s<split>/)")
     ap.add_argument("--holdout", type=int, default=24, help="last N sequences (training's holdout_seqs)")
+    ap.add_argument("--make-heldout", type=int, default=0,
+                    help="make N sequences in --work-dir first (training's data stage; resumes; sets --holdout N)")
+    ap.add_argument("--prompt-seed", type=int, default=99, help="prompt synthesis seed for --make-heldout")
+    ap.add_argument("--max-new-tokens", type=int, default=192, help="answer length for --make-heldout")
     ap.add_argument("--blocks-per-seq", type=int, default=24)
     ap.add_argument("--blocks", default="8,5,4,3,2")
     ap.add_argument("--seed", type=int, default=0)
@@ -62,6 +70,13 @@ def main(argv: list[str] | None = None) -> None:
 
     target = load_target(str(default_model_dir()))
     drafter = FlexDraftDrafter.load(args.drafter, target).float()
+    if args.make_heldout:
+        from flexdraft_vllm.training.data import build_dataset, build_kv_shards
+
+        seq_file = build_dataset(str(default_model_dir()), args.work_dir, args.make_heldout, args.max_new_tokens,
+                                 None, args.prompt_seed)
+        build_kv_shards(target, seq_file, drafter.config.deep_layers)
+        args.holdout = args.make_heldout
     shards = sorted((Path(args.work_dir) / f"kv_s{drafter.config.split_layer}").glob("shard_*.pt"))
     if not shards:
         sys.exit(f"no K/V shards under {args.work_dir}: run training's data stage first")

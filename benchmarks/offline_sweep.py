@@ -7,6 +7,9 @@ Methods (--methods, comma-separated; default all):
   plain                 vLLM without speculative decoding (the baseline of every ratio)
   ngram                 vLLM prompt-lookup decoding
   suffix                vLLM suffix decoding (needs arctic-inference; see --suffix-pythonpath)
+  suffix-nocache        the same without its tree of earlier requests (max_cached_requests 0): cells
+                        reuse prompts, and greedy suffix decoding replays an output it has seen;
+                        this one drafts from the request's own prompt and output only
   flexdraft-parallel    FlexDraft, parallel mode only
   flexdraft-sequential  FlexDraft, sequential mode only
   flexdraft-flex        FlexDraft, the flex policy
@@ -104,6 +107,8 @@ def method_engine_kwargs(method: str, base: dict[str, Any], ngram: dict[str, Any
         kw["speculative_config"] = dict(ngram or NGRAM_DEFAULT)
     elif method == "suffix":
         kw["speculative_config"] = dict(suffix or SUFFIX_DEFAULT)
+    elif method == "suffix-nocache":
+        kw["speculative_config"] = {**(suffix or SUFFIX_DEFAULT), "suffix_decoding_max_cached_requests": 0}
     elif method == "flexdraft-lookup":  # flex plus prompt lookup (lookup.py), vLLM ngram's n-gram range
         from flexdraft_vllm.vllm_integration.speculative import flexdraft_engine_kwargs
 
@@ -614,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                     "min_requests": args.min_requests, "warmup_tokens": args.warmup_tokens,
                     "admission": args.admission,
                     "ignore_eos": args.ignore_eos, "inbox": str(inbox), "out_dir": str(out_dir), "run": run_idx,
-                    "extra_pythonpath": suffix_path if method == "suffix" else None}
+                    "extra_pythonpath": suffix_path if method.startswith("suffix") else None}
             t0 = time.time()
             rc = -1
             try:

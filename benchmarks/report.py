@@ -42,7 +42,7 @@ BASELINE = "plain"
 # the machine drifts (8% within minutes on a shared VM), and ratios against the
 # mean of the two plain runs are not biased toward the methods run near plain.
 BASELINE_AGAIN = "plain-again"
-METHOD_ORDER = ["plain", "plain-again", "ngram", "suffix", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
+METHOD_ORDER = ["plain", "plain-again", "ngram", "suffix", "suffix-nocache", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
                 "flexdraft-lookup", "flexdraft-off"]
 # flexdraft-off (FlexDraft loaded, never drafts) isolates the fixed cost of vLLM's
 # speculative-decoding path; a diagnostic, not part of the default sweep.
@@ -263,7 +263,7 @@ def root_cause(log_text: str, fallback: str) -> str:
 
 def with_hint(method: str, status: str) -> str:
     """Status line plus the fix we know for it."""
-    if method == "suffix" and "rctic" in status and "arctic_overlay" not in status:
+    if method.startswith("suffix") and "rctic" in status and "arctic_overlay" not in status:
         return status + " (build it without touching the venv: python benchmarks/arctic_overlay.py)"
     return status
 

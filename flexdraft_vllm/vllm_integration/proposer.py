@@ -82,9 +82,10 @@ class FlexDraftProposer:
         self._step_t0: float | None = None
         self._decode_only = False
         self._draft_s = 0.0
-        self._next_parallel = False  # the policy chose "parallel" for the coming step
-        self._next_block = self.config.block_size  # ... with blocks of this many masks (its cap + 1)
-        self._pending = None  # (runner, scheduler_output) of a step that will carry mask groups
+        # masks per block of the coming step's parallel stream (its verify cap + 1); None: the
+        # policy did not choose "parallel" for it
+        self._parallel_block: int | None = None
+        self._pending = None  # (runner, scheduler_output, block) of a step that will carry mask groups
         self._building: MaskStream | None = None  # mask groups inside the running forward
         self._stream: MaskStream | None = None  # the finished step's mask groups
         self.parallel_blocks = 0  # groups computed in verify forwards (observability)
@@ -189,7 +190,8 @@ class FlexDraftProposer:
         # decode-only: every request runs its bonus + drafts, nothing from a prompt
         self._decode_only = all(n == 1 + self._scheduled.get(r, 0)
                                 for r, n in scheduler_output.num_scheduled_tokens.items())
-        self._pending = (runner, scheduler_output) if self._next_parallel and self.drafter is not None else None
+        self._pending = ((runner, scheduler_output, self._parallel_block)
+                         if self._parallel_block is not None and self.drafter is not None else None)
 
     def _hook_for(self, layer_idx: int):
         first, last = self.config.split_layer, self.config.deep_layers[-1]
@@ -212,7 +214,7 @@ class FlexDraftProposer:
 
         return hook
 
-    def _start_stream(self, runner, so) -> MaskStream | None:
+    def _start_stream(self, runner, so, block: int) -> MaskStream | None:
         ib = runner.input_batch
         R = ib.num_reqs
         req_ids = ib.req_ids[:R]
@@ -227,8 +229,8 @@ class FlexDraftProposer:
         if plan is None:
             return None
         bt = ib.block_table[0].get_device_tensor(R)
-        stream = MaskStream(plan, bt, self.drafter.mask_embedding, self._next_block)
-        stream.attend_for = self._attention(bt, stream.rows, stream.ctx, self._next_block)
+        stream = MaskStream(plan, bt, self.drafter.mask_embedding, block)
+        stream.attend_for = self._attention(bt, stream.rows, stream.ctx, block)
         return stream
 
     # ---- drafts after sampling ---------------------------------------------------------
@@ -255,9 +257,8 @@ class FlexDraftProposer:
         self._draft_s = 0.0
         self.policy.observe(sum(len(s) for s in sampled_token_ids), outcomes, step_s, lookup_outcomes)
         dec = self.policy.decide(len(live), [req_ids[i] for i in live]) if live else None
-        self._next_parallel = dec is not None and dec.arm == "parallel"
-        if self._next_parallel:
-            self._next_block = self.config.block_for(dec.max_drafts)
+        self._parallel_block = (self.config.block_for(dec.max_drafts) if dec is not None and dec.arm == "parallel"
+                                else None)
         self._looked_up = set()
         lookup_on = dec is not None and dec.lookup and self.config.prompt_lookup_max > 0
         if dec is None or (dec.arm == "off" and not lookup_on):

@@ -32,7 +32,7 @@ def test_parse_lists_and_methods():
 def test_parser_defaults_cover_the_issue():
     a = offline_sweep.build_parser().parse_args([])
     assert a.batches == [1, 2, 4, 8, 16, 32, 64]
-    assert a.methods == ["plain", "ngram", "suffix", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
+    assert a.methods == ["plain", "ngram", "suffix", "suffix-nocache", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
                          "flexdraft-lookup"]
     assert a.ignore_eos and not a.prefix_caching and a.prompts == "mixed" and a.admission == "continuous"
 
@@ -71,6 +71,10 @@ def test_method_engine_kwargs_share_the_base():
     assert offline_sweep.method_engine_kwargs("ngram", base, ngram={"method": "ngram", "num_speculative_tokens": 7}
                                               )["speculative_config"]["num_speculative_tokens"] == 7
     assert offline_sweep.method_engine_kwargs("suffix", base)["speculative_config"] == {"method": "suffix"}
+    # the same suffix settings, without the tree of earlier requests (no replays of reused prompts)
+    assert offline_sweep.method_engine_kwargs("suffix-nocache", base, suffix={"method": "suffix", "x": 1}
+                                              )["speculative_config"] == {
+        "method": "suffix", "x": 1, "suffix_decoding_max_cached_requests": 0}
     for mode in ("parallel", "sequential", "flex"):
         kw = offline_sweep.method_engine_kwargs(f"flexdraft-{mode}", base)
         assert kw["speculative_config"]["model"] == "flexdraft_vllm.FlexDraft"
