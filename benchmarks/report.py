@@ -538,7 +538,8 @@ def plot_offline(results: dict[str, Any], out_dir: Path) -> list[Path]:
     _lines(ax, speedups(results), methods)
     ax.axhline(1.0, color="gray", linewidth=0.8)
     _xticks(ax, xs)
-    ax.set_xlabel("batch size (requests submitted together)")
+    continuous = results.get("config", {}).get("admission", "group") == "continuous"
+    ax.set_xlabel("batch size (requests in flight)" if continuous else "batch size (requests submitted together)")
     ax.set_ylabel("output tokens/s relative to plain vLLM")
     ax.set_title(f"Speedup vs plain vLLM\n{_subtitle(results)}", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
