@@ -68,12 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     from flexdraft_vllm.reference.target import load_target
     from flexdraft_vllm.training import train as T
 
-    target = load_target(str(default_model_dir()))
+    model_dir = str(default_model_dir())
+    target = load_target(model_dir)
     drafter = FlexDraftDrafter.load(args.drafter, target).float()
     if args.make_heldout:
         from flexdraft_vllm.training.data import build_dataset, build_kv_shards
 
-        seq_file = build_dataset(str(default_model_dir()), args.work_dir, args.make_heldout, args.max_new_tokens,
+        seq_file = build_dataset(model_dir, args.work_dir, args.make_heldout, args.max_new_tokens,
                                  None, args.prompt_seed)
         build_kv_shards(target, seq_file, drafter.config.deep_layers)
         args.holdout = args.make_heldout

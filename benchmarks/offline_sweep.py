@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                     "min_requests": args.min_requests, "warmup_tokens": args.warmup_tokens,
                     "admission": args.admission,
                     "ignore_eos": args.ignore_eos, "inbox": str(inbox), "out_dir": str(out_dir), "run": run_idx,
-                    "extra_pythonpath": suffix_path if method.startswith("suffix") else None}
+                    "extra_pythonpath": suffix_path if method in report.SUFFIX_METHODS else None}
             t0 = time.time()
             rc = -1
             try:

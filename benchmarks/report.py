@@ -42,8 +42,11 @@ BASELINE = "plain"
 # the machine drifts (8% within minutes on a shared VM), and ratios against the
 # mean of the two plain runs are not biased toward the methods run near plain.
 BASELINE_AGAIN = "plain-again"
-METHOD_ORDER = ["plain", "plain-again", "ngram", "suffix", "suffix-nocache", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
-                "flexdraft-lookup", "flexdraft-off"]
+METHOD_ORDER = ["plain", "plain-again", "ngram", "suffix", "suffix-nocache", "flexdraft-parallel",
+                "flexdraft-sequential", "flexdraft-flex", "flexdraft-lookup", "flexdraft-off"]
+# vLLM's suffix decoding, with and without its tree of earlier requests: both import
+# arctic-inference (benchmarks/arctic_overlay.py puts it on their PYTHONPATH only)
+SUFFIX_METHODS = ("suffix", "suffix-nocache")
 # flexdraft-off (FlexDraft loaded, never drafts) isolates the fixed cost of vLLM's
 # speculative-decoding path; a diagnostic, not part of the default sweep.
 DIAGNOSTIC_METHODS = ["flexdraft-off"]
@@ -263,7 +266,7 @@ def root_cause(log_text: str, fallback: str) -> str:
 
 def with_hint(method: str, status: str) -> str:
     """Status line plus the fix we know for it."""
-    if method.startswith("suffix") and "rctic" in status and "arctic_overlay" not in status:
+    if method in SUFFIX_METHODS and "rctic" in status and "arctic_overlay" not in status:
         return status + " (build it without touching the venv: python benchmarks/arctic_overlay.py)"
     return status
 

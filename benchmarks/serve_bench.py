@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, str(CLI), "serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
                *engine_cli_args(kw)]
         senv = dict(env)
-        if method.startswith("suffix") and suffix_path:
+        if method in report.SUFFIX_METHODS and suffix_path:
             senv["PYTHONPATH"] = os.pathsep.join([suffix_path, *filter(None, [senv.get("PYTHONPATH")])])
         results["methods"][method] = {"engine": kw, "serve_command": shlex.join(cmd), "status": ""}
         log_path = out_dir / "logs" / f"{method}.server.log"

@@ -32,8 +32,8 @@ def test_parse_lists_and_methods():
 def test_parser_defaults_cover_the_issue():
     a = offline_sweep.build_parser().parse_args([])
     assert a.batches == [1, 2, 4, 8, 16, 32, 64]
-    assert a.methods == ["plain", "ngram", "suffix", "suffix-nocache", "flexdraft-parallel", "flexdraft-sequential", "flexdraft-flex",
-                         "flexdraft-lookup"]
+    assert a.methods == ["plain", "ngram", "suffix", "suffix-nocache", "flexdraft-parallel", "flexdraft-sequential",
+                         "flexdraft-flex", "flexdraft-lookup"]
     assert a.ignore_eos and not a.prefix_caching and a.prompts == "mixed" and a.admission == "continuous"
 
 
