@@ -200,7 +200,7 @@ def _start_engines(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, 
     llms = {}
     # ngram last: at worker start vLLM 0.32 rebinds Triton kernels by scanning every loaded module
     # (triton_utils/dispatcher._rebind_kernels) and raises AttributeError on an object of a module
-    # the ngram proposer imports (numba's '_lib_fn_wrapper'); started last, no engine scans after it
+    # the ngram proposer brings in (llvmlite's '_lib_fn_wrapper', via numba); started last, no engine scans after it
     for m in sorted(args.methods, key=lambda m: m == "ngram"):
         t0 = time.perf_counter()
         llms[m] = LLM(model=str(args.model), **sweep.method_engine_kwargs(m, base))
