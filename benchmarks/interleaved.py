@@ -27,7 +27,6 @@ speedup.png (median ratio per batch size, bars = range over rounds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -184,14 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
-    import hashlib
-
     return {"methods": args.methods, "batches": args.batches, "rounds": args.rounds, "model": str(args.model),
             "prompts": args.prompts, "num_prompts": len(prompts), "min_requests": args.min_requests,
             "max_tokens": args.max_tokens, "warmup_tokens": args.warmup_tokens, "ignore_eos": args.ignore_eos,
             "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_gib, "admission": "continuous",
             "temperature": 0.0,
-            "prompts_sha": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}
+            "prompts_sha": report.prompts_digest(prompts)}
 
 
 def _start_engines(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
@@ -232,14 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     res_path = out_dir / "results.json"
     config = _config(args, prompts)
-    results = None if args.fresh else report.load_results(res_path)
-    if results is not None:
-        diff = report.config_differences(results["config"], config)
-        if diff:
-            sys.exit(f"{res_path} was measured with other settings:\n  " + "\n  ".join(diff)
-                     + "\nuse --fresh to start over, or another --name")
-    else:
-        results = report.new_results(KIND, config)
+    results, _ = report.resume_or_new(res_path, KIND, config, args.fresh)
     machine = report.machine_info()
     results["runs"].append({"started": report.now(), "command": shlex.join([sys.executable, *sys.argv]),
                             "machine": machine, "ld_preload": os.environ.get("LD_PRELOAD")})

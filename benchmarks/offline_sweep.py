@@ -40,7 +40,6 @@ the same command resumes: finished cells are kept and skipped (--fresh starts ov
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -161,7 +160,7 @@ def sweep_config(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]
         "model": str(args.model),
         "prompts": args.prompts,
         "num_prompts": len(prompts),
-        "prompt_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+        "prompt_sha256": report.prompts_digest(prompts),
         "max_tokens": args.max_tokens,
         "min_requests": args.min_requests,
         "warmup_tokens": args.warmup_tokens,
@@ -561,14 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(prompts) < args.num_prompts:
         print(f"note: {len(prompts)} prompts available (asked {args.num_prompts}; {dropped} too long dropped)")
     config = sweep_config(args, prompts)
-    results = None if args.fresh else report.load_results(res_path)
-    if results is not None:
-        diff = report.config_differences(results["config"], config)
-        if diff:
-            sys.exit(f"{res_path} was measured with other settings:\n  " + "\n  ".join(diff)
-                     + "\nuse --fresh to start over, or another --name")
-    else:
-        results = report.new_results("offline_sweep", config)
+    results, started_new = report.resume_or_new(res_path, "offline_sweep", config, args.fresh)
+    if started_new:
         for p in (out_dir / "outputs").glob("*.json"):
             p.unlink()
     (out_dir / "prompts.json").write_text(json.dumps(prompts))

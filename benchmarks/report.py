@@ -20,6 +20,7 @@ A cell whose record has status "ok" is finished and is skipped on a rerun.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -188,6 +189,25 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def resume_or_new(path: Path, kind: str, config: dict[str, Any], fresh: bool) -> tuple[dict[str, Any], bool]:
+    """(results, started_new): the results stored at `path` when they were measured
+    with `config` (resume), new ones when `fresh` or none are stored. Stored results
+    measured with other settings end the program with the differences listed."""
+    results = None if fresh else load_results(path)
+    if results is None:
+        return new_results(kind, config), True
+    diff = config_differences(results["config"], config)
+    if diff:
+        sys.exit(f"{path} was measured with other settings:\n  " + "\n  ".join(diff)
+                 + "\nuse --fresh to start over, or another --name")
+    return results, False
+
+
+def prompts_digest(prompts: list[Any]) -> str:
+    """Short fingerprint of a prompt list, kept in a results config: resume refuses other prompts."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import hashlib
 import json
 import os
 import shlex
@@ -296,22 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     dataset.write_text(json.dumps(sharegpt_dataset(raw), indent=0))
 
     config = {"model": str(args.model), "prompts": args.prompts, "num_prompts": len(raw),
-              "prompt_sha256": hashlib.sha256(json.dumps(raw).encode()).hexdigest()[:16],
+              "prompt_sha256": report.prompts_digest(raw),
               "max_tokens": args.max_tokens, "min_requests": args.min_requests, "rounds": args.rounds,
               "ignore_eos": args.ignore_eos, "max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
               "kv_cache_gib": args.kv_gib, "prefix_caching": args.prefix_caching,
               "engine_process": args.engine_process, "temperature": 0.0}
-    results = None if args.fresh else report.load_results(res_path)
     if args.fresh:  # server logs are appended to (one block per start); a fresh run starts them over
         for old in (out_dir / "logs").glob("*.log"):
             old.unlink()
-    if results is not None:
-        diff = report.config_differences(results["config"], config)
-        if diff:
-            sys.exit(f"{res_path} was measured with other settings:\n  " + "\n  ".join(diff)
-                     + "\nuse --fresh to start over, or another --name")
-    else:
-        results = report.new_results("serve_bench", config)
+    results, _ = report.resume_or_new(res_path, "serve_bench", config, args.fresh)
 
     os.environ["FLEXDRAFT_KV_GIB"] = str(args.kv_gib)
     from flexdraft_vllm.engine_defaults import default_engine_kwargs

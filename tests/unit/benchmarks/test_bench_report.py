@@ -117,6 +117,20 @@ def test_save_and_load_roundtrip_is_atomic(tmp_path, offline_results):
     assert report.load_results(tmp_path / "none.json") is None
 
 
+def test_resume_or_new_resumes_only_the_same_settings(tmp_path):
+    path = tmp_path / "results.json"
+    res, new = report.resume_or_new(path, "offline_sweep", {"a": 1}, fresh=False)
+    assert new and res["config"] == {"a": 1} and res["kind"] == "offline_sweep"
+    res["cells"]["x"] = {"status": "ok"}
+    report.save_results(path, res)
+    again, new = report.resume_or_new(path, "offline_sweep", {"a": 1}, fresh=False)
+    assert not new and again["cells"] == {"x": {"status": "ok"}}
+    assert report.resume_or_new(path, "offline_sweep", {"a": 2}, fresh=True)[1]  # fresh: start over
+    with pytest.raises(SystemExit, match="measured with other settings"):
+        report.resume_or_new(path, "offline_sweep", {"a": 2}, fresh=False)
+    assert report.prompts_digest(["p", "q"]) == report.prompts_digest(["p", "q"]) != report.prompts_digest(["q", "p"])
+
+
 def test_config_differences_name_the_changed_settings():
     assert report.config_differences({"a": 1, "b": 2}, {"a": 1, "b": 2}) == []
     d = report.config_differences({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0})
