@@ -66,6 +66,14 @@ class FlexDraftConfig:
     # the LM head instead of all of it, which is most of a draft pass's memory
     # traffic. Verification is over the full vocabulary, so output is unchanged.
     draft_vocab_size: int = 0
+    # ours: a sequential draft pass runs after sampling, so the bonus is known;
+    # with bonus_in_block the block starts from it: slot 0 = mask_embedding +
+    # W0 embed(bonus), slots 1.. = mask_embedding + W1 embed(bonus) (the
+    # drafter's bonus_proj, zero-initialised: untrained it is the paper's block).
+    # A parallel pass cannot know its groups' bonuses (the target produces them
+    # in the same forward) and runs the plain block; training drops the bonus
+    # from a share of blocks (TrainConfig.bonus_drop) so one checkpoint serves both.
+    bonus_in_block: bool = False
     format_version: int = FORMAT_VERSION
     # ---- runtime knobs (additional_config / speculative config) -------------
     mode: Mode = "flex"
@@ -139,6 +147,8 @@ class FlexDraftConfig:
             bad(f"calibrator={self.calibrator!r}: use tied or full")
         if self.calib_anchor not in ("bonus", "chain"):
             bad(f"calib_anchor={self.calib_anchor!r}: use bonus or chain")
+        if not isinstance(self.bonus_in_block, bool):
+            bad(f"bonus_in_block={self.bonus_in_block!r} must be true or false")
         if not 0 <= self.draft_vocab_size <= self.vocab_size:
             bad(f"draft_vocab_size={self.draft_vocab_size} must be in [0 (full vocabulary), vocab_size={self.vocab_size}]")
 

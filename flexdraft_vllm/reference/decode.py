@@ -182,7 +182,8 @@ def generate_flexdraft(
     for r, lg, k, v in zip(reqs, out.logits, out.new_k, out.new_v):
         r.cache.commit(k, v, len(r.prompt))
         _finish(r, [_sample_first(r, lg[-1], temperature)], max_new_tokens, eos_id)
-    blocks = out.mask_hidden if par else [h[0] for h in draft_pass(target, drafter, [r.cache for r in reqs], masks)]
+    blocks = out.mask_hidden if par else [h[0] for h in draft_pass(target, drafter, [r.cache for r in reqs], masks,
+                                                                  [r.out[-1] for r in reqs])]
     for r, blk in zip(reqs, blocks):
         if not r.done:
             _propose(target, drafter, r, blk[0] if par else blk, 0, temperature)
@@ -229,5 +230,5 @@ def generate_flexdraft(
                 _propose(target, drafter, r, out.mask_hidden[i][g], a - g, temperature)
         else:
             live = [r for r in act if not r.done]
-            for r, h in zip(live, draft_pass(target, drafter, [r.cache for r in live], masks)):
+            for r, h in zip(live, draft_pass(target, drafter, [r.cache for r in live], masks, [r.out[-1] for r in live])):
                 _propose(target, drafter, r, h[0], 0, temperature)

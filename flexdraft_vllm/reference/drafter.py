@@ -5,6 +5,9 @@
   calibrator              bonus-guided MLP on the final-normed mask hidden (anchors below)
   draft_vocab             [K] token ids drafts are drawn from (only when
                           config.draft_vocab_size = K > 0; else the full vocabulary)
+  bonus_proj              Linear(h, 2h): the bonus's embedding -> start states of
+                          slot 0 and slots 1.. (only when config.bonus_in_block;
+                          sequential passes, see initial_mask_hidden)
 
 Layernorms and MLPs are the target's (shared, frozen). Real rows never touch
 anything here, which is what makes FlexDraft lossless.
@@ -122,6 +125,10 @@ class FlexDraftDrafter(nn.Module):
         )
         # [K] ascending token ids; set by training (set_draft_vocab) or loaded with the weights
         self.register_buffer("draft_vocab", torch.arange(K, device=target.device) if K else None)
+        self.bonus_proj = None
+        if config.bonus_in_block:
+            self.bonus_proj = nn.Linear(h, 2 * h, bias=False).to(device=target.device, dtype=target.dtype)
+            nn.init.zeros_(self.bonus_proj.weight)  # untrained: the plain block
         self._head: tuple | None = None  # (lm_head it was sliced from, (vocab version, dtype), [K, h] rows)
         # x -> x @ head_weight^T computed another way (vLLM's packed CPU GEMM); set by the
         # vLLM proposer after loading, when the draft vocabulary no longer changes
@@ -151,8 +158,20 @@ class FlexDraftDrafter(nn.Module):
         h = h + proj.o_proj(a.reshape(G, B, -1))
         return target.mlp_block(layer, h)
 
-    def initial_mask_hidden(self, G: int, B: int) -> torch.Tensor:
-        return self.mask_embedding.expand(G, B, -1)
+    def initial_mask_hidden(
+        self,
+        G: int,
+        B: int,
+        bonus_emb: torch.Tensor | None = None,  # [G, h] embedding of each block's bonus (sequential pass)
+    ) -> torch.Tensor:  # [G, B, h] hidden entering the split layer
+        """mask_embedding everywhere; with a known bonus and config.bonus_in_block,
+        plus W0 e(bonus) at slot 0 (the bonus's own slot) and W1 e(bonus) at the
+        draft slots. A zero row of bonus_emb gives the plain block (Linear, no bias)."""
+        h = self.mask_embedding.expand(G, B, -1)
+        if bonus_emb is None or self.bonus_proj is None:
+            return h
+        w0, w1 = self.bonus_proj(bonus_emb.to(h.dtype)).chunk(2, dim=-1)  # [G, h] each
+        return torch.cat([(h[:, 0] + w0)[:, None], h[:, 1:] + w1[:, None]], 1)
 
     def draft_hidden(
         self,
@@ -160,17 +179,20 @@ class FlexDraftDrafter(nn.Module):
         ctx_lens: torch.Tensor,  # [G] context length (= bonus position) of each block
         attend_for_layer: Callable[[int], Callable],  # layer index -> attend callback
         block: int | None = None,  # B masks per block (default config.block_size; fewer: a trimmed block)
+        bonus_emb: torch.Tensor | None = None,  # [G, h] embedding of each block's bonus, when known
     ) -> torch.Tensor:  # [G, B, hidden] final-normed
         """Run G mask blocks through the deep layers only (sequential draft pass).
 
         A trimmed block (B < block_size) holds the bonus slot and B-1 drafts:
         for a step that verifies fewer drafts than the block has, the masks
-        after them cost rows and change little."""
+        after them cost rows and change little. `bonus_emb` (target.embed of
+        the bonuses) is used by a bonus_in_block drafter and ignored otherwise."""
         B = block or self.config.block_size
         assert 2 <= B <= self.config.block_size, (B, self.config.block_size)
         G = ctx_lens.shape[0]
+        assert bonus_emb is None or bonus_emb.shape[0] == G, (bonus_emb.shape, G)
         positions = ctx_lens[:, None] + torch.arange(B, device=ctx_lens.device)[None, :]
-        h = self.initial_mask_hidden(G, B)
+        h = self.initial_mask_hidden(G, B, bonus_emb)
         for l in self.config.deep_layers:
             h = self.mask_layer(target, l, h, positions, attend_for_layer(l))
         return target.final_hidden(h)

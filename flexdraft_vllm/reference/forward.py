@@ -116,13 +116,16 @@ def draft_pass(
     drafter: FlexDraftDrafter,
     caches: list[RequestCache],
     block: int | None = None,  # masks per block (default the drafter's block_size)
+    bonus_ids: list[int] | None = None,  # per request: its bonus (sampled, not yet in the cache)
 ) -> list[torch.Tensor]:  # per request [1, B, h] final-normed
     """Sequential mode: one block per request right after its cache (bonus slot
-    = cache_len), deep layers only, over the committed K/V."""
+    = cache_len), deep layers only, over the committed K/V. The bonus is known
+    here, and a bonus_in_block drafter starts its block from it."""
     out = []
-    for cache in caches:
+    for r, cache in enumerate(caches):
         ctx = torch.tensor([cache.length], device=target.device)
+        emb = target.embed(torch.tensor([bonus_ids[r]], device=target.device)) if bonus_ids is not None else None
         out.append(drafter.draft_hidden(
             target, ctx, lambda l, c=cache, ctx=ctx: dense_block_attend(*c.layer_kv(l, target), ctx, target.scale),
-            block=block))
+            block=block, bonus_emb=emb))
     return out

@@ -58,6 +58,10 @@ class TrainConfig:
     calib_rank: int = 256
     calib_anchor: str = "bonus"  # "bonus" | "chain" (FlexDraftConfig.calib_anchor)
     draft_vocab_size: int = 0  # drafts from the K most frequent response tokens (0 = full vocabulary)
+    bonus_in_block: bool = False  # blocks start from the bonus's embedding (FlexDraftConfig.bonus_in_block)
+    # share of training blocks run without the bonus, as a parallel pass runs them
+    # (bonus_in_block only): one checkpoint then serves both passes
+    bonus_drop: float = 0.25
     seed: int = 0
     tune_steps: int = 600
     calib_steps: int = 200
@@ -85,6 +89,8 @@ class TrainConfig:
         bad = set(d) - names
         if bad:
             raise SystemExit(f"unknown training option(s) {sorted(bad)}; allowed: {sorted(names)}")
+        if not 0.0 <= d.get("bonus_drop", 0.25) <= 1.0:
+            raise SystemExit(f"bonus_drop must be in [0, 1], got {d['bonus_drop']!r}")
         if d.get("precision", "fp32") not in ("fp32", "bf16"):
             raise SystemExit(f"precision must be 'fp32' or 'bf16', got {d['precision']!r}")
         return cls(**d)
@@ -139,6 +145,7 @@ def draft_forward(
     kv: torch.Tensor,  # [n_deep, 2, N, T, Hkv, D] frozen real-token K/V of N sequences
     ctx: torch.Tensor,  # [N, G] anchors (bonus slots): block (n, g) sees real tokens [0, ctx[n, g])
     block: int | None = None,  # masks per block (default block_size; fewer: a trimmed block)
+    bonus_emb: torch.Tensor | None = None,  # [N*G, h] bonus embeddings (bonus_in_block; zero rows: none)
 ) -> torch.Tensor:  # [N*G, B, hidden] final-normed mask hidden
     N, G = ctx.shape
     s = drafter.config.split_layer
@@ -152,7 +159,7 @@ def draft_forward(
                                            target.scale).flatten(0, 1)
         return attend
 
-    return drafter.draft_hidden(target, ctx.reshape(-1), attend_for, block=block)
+    return drafter.draft_hidden(target, ctx.reshape(-1), attend_for, block=block, bonus_emb=bonus_emb)
 
 
 def step_loss(
@@ -161,10 +168,20 @@ def step_loss(
     batch: tuple[torch.Tensor, ...],
     calibrated: bool,
     pos_decay: float,
+    bonus_rate: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
-    """Weighted CE of the draft slots of one padded batch, plus counts for logging."""
+    """Weighted CE of the draft slots of one padded batch, plus counts for logging.
+
+    bonus_rate: share of blocks that start from their bonus (a bonus_in_block
+    drafter; drawn from torch's RNG, which the training state saves); the rest
+    run as a parallel pass does, without it."""
     kv, ctx, tgt, bonus = batch
-    h = draft_forward(target, drafter, kv, ctx)[:, 1:]  # [N*G, B-1, h]: slot 0 is the bonus slot
+    emb = None
+    if drafter.bonus_proj is not None and bonus_rate > 0:
+        emb = target.embed(bonus.reshape(-1))  # [N*G, h]
+        if bonus_rate < 1:
+            emb = emb * (torch.rand(emb.shape[0], 1, device=emb.device) < bonus_rate).to(emb.dtype)
+    h = draft_forward(target, drafter, kv, ctx, bonus_emb=emb)[:, 1:]  # [N*G, B-1, h]: slot 0 is the bonus slot
     tgt = tgt.reshape(h.shape[:2])  # [N*G, B-1]
     valid = tgt != -100
     local = draft_vocab_index(drafter, tgt)[valid]  # [M] target as a draft-logit index, -1 if not draftable
@@ -243,11 +260,12 @@ def _save_state(path: Path, drafter, opt, stage: str, step: int, rng: random.Ran
 
 
 @torch.no_grad()
-def heldout_scores(target, drafter, batch, calibrated: bool, autocast) -> tuple[float, float]:
+def heldout_scores(target, drafter, batch, calibrated: bool, autocast, bonus_rate: float = 1.0) -> tuple[float, float]:
     """(top-1 accuracy of draft slot 1, teacher-forced accepted length) on a fixed
-    held-out batch: the overfitting check, and the figure decoding speed follows."""
+    held-out batch: the overfitting check, and the figure decoding speed follows.
+    bonus_rate 1: blocks as a sequential pass runs them; 0: as a parallel pass."""
     with autocast:
-        _, st = step_loss(target, drafter, batch, calibrated, 0.0)
+        _, st = step_loss(target, drafter, batch, calibrated, 0.0, bonus_rate)
     return st["correct1"] / max(st["n1"], 1), 1 + st["lead_sum"] / max(st["blocks"], 1)
 
 
@@ -256,6 +274,8 @@ def run_stage(stage: str, target, drafter, items, cfg: TrainConfig, state_path: 
     steps = cfg.tune_steps if stage == "tune" else cfg.calib_steps
     if stage == "tune":
         params = [drafter.mask_embedding, *drafter.mask_attn.parameters()]
+        if drafter.bonus_proj is not None:
+            params += list(drafter.bonus_proj.parameters())
         if cfg.joint:
             params += list(drafter.calibrator.parameters())
         lr = cfg.lr_tune
@@ -286,7 +306,7 @@ def run_stage(stage: str, target, drafter, items, cfg: TrainConfig, state_path: 
         opt.zero_grad(set_to_none=True)
         batch = collate(block_batch(items, rng, cfg))
         with autocast:
-            loss, st = step_loss(target, drafter, batch, calibrated, cfg.pos_decay)
+            loss, st = step_loss(target, drafter, batch, calibrated, cfg.pos_decay, 1.0 - cfg.bonus_drop)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -300,8 +320,23 @@ def run_stage(stage: str, target, drafter, items, cfg: TrainConfig, state_path: 
             _save_state(state_path, drafter, opt, stage, step + 1, rng)
             if val_batch is not None:
                 acc1, mal = heldout_scores(target, drafter, val_batch, calibrated, autocast)
-                bar.write(f"[train] {stage} step {step + 1}: train acc1 {ema1:.3f}, "
-                          f"held-out acc1 {acc1:.3f}, teacher-forced accepted length {mal:.2f}")
+                msg = f"held-out acc1 {acc1:.3f}, teacher-forced accepted length {mal:.2f}"
+                if drafter.bonus_proj is not None:  # above: sequential passes; here: parallel ones
+                    acc1, mal = heldout_scores(target, drafter, val_batch, calibrated, autocast, 0.0)
+                    msg += f" (without the bonus, as a parallel pass: {acc1:.3f}, {mal:.2f})"
+                bar.write(f"[train] {stage} step {step + 1}: train acc1 {ema1:.3f}, {msg}")
+
+
+def seed_drafter(drafter: FlexDraftDrafter, cfg: TrainConfig, target) -> FlexDraftDrafter:
+    """Load cfg.init_from's weights into `drafter` (fp32). A plain drafter may
+    seed a bonus_in_block one: its bonus_proj stays at zero, the plain block."""
+    start = FlexDraftDrafter.load(cfg.init_from, target)
+    missing, unexpected = drafter.load_state_dict(drafter.cast_weights(start.state_dict(), torch.float32),
+                                                  strict=False)
+    if unexpected or set(missing) - {"bonus_proj.weight"}:
+        raise SystemExit(f"init_from {cfg.init_from} does not fit this configuration "
+                         f"(missing {missing}, unexpected {unexpected})")
+    return drafter
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -323,7 +358,7 @@ def train(cfg: TrainConfig) -> Path:
         target_model_id=meta.get("model_id", target_dir),
         target_fingerprint=meta.get("weights_sha256_16") or weights_fingerprint(target_dir),
         calibrator=cfg.calibrator, calib_rank=cfg.calib_rank, calib_anchor=cfg.calib_anchor,
-        draft_vocab_size=cfg.draft_vocab_size,
+        draft_vocab_size=cfg.draft_vocab_size, bonus_in_block=cfg.bonus_in_block,
     )
     shards = build_kv_shards(target, seq_file, fcfg.deep_layers)
     items = _load_shards(shards)
@@ -338,8 +373,7 @@ def train(cfg: TrainConfig) -> Path:
         drafter.load_state_dict(resume["drafter"])
         print(f"[train] resuming {resume['stage']} at step {resume['step']}", flush=True)
     elif cfg.init_from:
-        start = FlexDraftDrafter.load(cfg.init_from, target)
-        drafter.load_state_dict(drafter.cast_weights(start.state_dict(), torch.float32))
+        seed_drafter(drafter, cfg, target)
         print(f"[train] starting from the drafter in {cfg.init_from}", flush=True)
     else:
         with torch.no_grad():

@@ -15,7 +15,8 @@ vLLM loads it through `speculative_config={"model": "flexdraft_vllm.FlexDraft",
              Slot 0 is the bonus slot; slots 1..B-1 give drafts, calibrated
              with the bonus (calib_anchor="chain": slot k with draft k-1).
              This is parallel mode's group `a` computed after verification
-             instead of speculatively before it.
+             instead of speculatively before it, so it can know the bonus: a
+             bonus_in_block drafter starts the block from its embedding.
   parallel   the same blocks computed DURING the verify forward, one group
              per possible outcome (parallel.py); after sampling, the group of
              the actual outcome is picked. Used when the policy chose
@@ -290,8 +291,12 @@ class FlexDraftProposer:
         if seq_rows:
             idx = torch.tensor(seq_rows, device=self.view.device)
             ctx = torch.tensor([int(ntok[i]) - 1 for i in seq_rows], device=self.view.device)
+            # the bonus is sampled by now: a bonus_in_block drafter starts its blocks from it
+            emb = (self.mask_view.embed(torch.tensor([sampled_token_ids[i][-1] for i in seq_rows], device=self.view.device))
+                   if self.drafter.bonus_proj is not None else None)
             normed = self.drafter.draft_hidden(self.mask_view, ctx,
-                                               self._attention(block_table, idx, ctx[:, None], K + 1), block=K + 1)
+                                               self._attention(block_table, idx, ctx[:, None], K + 1), block=K + 1,
+                                               bonus_emb=emb)
             parts.append(normed[:, 1 : 1 + K])
         rows = [(i, int(ntok[i]) - 1) for i in par_rows + seq_rows]
         if rows:

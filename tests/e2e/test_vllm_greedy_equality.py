@@ -153,9 +153,11 @@ def test_paged_draft_pass_matches_reference(fd_llm, record_file, target_dir, pro
         out = step_forward(target, None, [cache], [torch.tensor(prefix[:-1])])
         cache.commit(out.new_k[0], out.new_v[0], len(prefix) - 1)
         ctx = torch.tensor([cache.length])
+        # a sequential pass knows the bonus (prefix[-1]; a bonus_in_block drafter starts from it), a parallel one not
+        emb = target.embed(torch.tensor([prefix[-1]])) if rec["path"] == "sequential" else None
         with torch.no_grad():
             h = drafter.draft_hidden(target, ctx, lambda l: dense_block_attend(*cache.layer_kv(l, target), ctx, target.scale),
-                                     block=rec["block"])  # the (trimmed) block vLLM ran
+                                     block=rec["block"], bonus_emb=emb)  # the (trimmed) block vLLM ran
             k = len(rec["ids"])
             # chain anchoring: slot j+1 is calibrated with the draft vLLM chose for slot j
             # (its own argmax could flip on a near-tie and derail the slots after it)

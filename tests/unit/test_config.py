@@ -65,6 +65,7 @@ def test_valid_defaults():
         ({"max_parallel_groups": 0}, "max_parallel_groups=0 must be >= 1"),
         ({"calibrator": "mlp"}, "calibrator='mlp': use tied or full"),
         ({"draft_dtype": "fp8"}, "draft_dtype='fp8': use auto, float32, bfloat16 or float16"),
+        ({"bonus_in_block": "yes"}, "bonus_in_block='yes' must be true or false"),
     ],
 )
 def test_invalid_values_are_clear_errors(kw, needle):

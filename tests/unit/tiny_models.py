@@ -32,10 +32,10 @@ def make_tiny_target(seed: int = 0, **kw):
 
 
 def tiny_drafter(target, *, split=2, block=4, calibrator="tied", fingerprint="feedfacefeedface", seed=1,
-                 draft_vocab_size=0):
+                 draft_vocab_size=0, bonus_in_block=False):
     cfg = FlexDraftConfig.for_target(target.cfg, split_layer=split, block_size=block, target_model_id="tiny/llama",
                                      target_fingerprint=fingerprint, calibrator=calibrator, calib_rank=16,
-                                     draft_vocab_size=draft_vocab_size)
+                                     draft_vocab_size=draft_vocab_size, bonus_in_block=bonus_in_block)
     d = FlexDraftDrafter(cfg, target)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # move every weight away from its init, so a lost tensor shows

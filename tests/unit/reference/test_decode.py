@@ -260,15 +260,17 @@ def law_pvalue(samples: list[list[int]], law: dict) -> float:
     return chi2_pvalue(ids, np.array(probs))
 
 
-def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None, calib_anchor: str = "bonus"):
+def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None, calib_anchor: str = "bonus",
+                   bonus_in_block: bool = False):
     """A tiny peaked Llama and a drafter whose q is neither p nor useless
     (optionally drafting from a subset of the vocabulary; with calib_anchor
-    "chain" the calibrator is randomised too, so anchors move the drafts)."""
+    "chain" the calibrator is randomised too, so anchors move the drafts; with
+    bonus_in_block its bonus_proj, so sequential blocks depend on the bonus)."""
     torch.manual_seed(0)
     t = make_tiny(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
     cfg = FlexDraftConfig.for_target(t.cfg, split_layer=1, block_size=4, draft_vocab_size=len(draft_vocab or []),
-                                     calib_anchor=calib_anchor)
+                                     calib_anchor=calib_anchor, bonus_in_block=bonus_in_block)
     d = FlexDraftDrafter(cfg, t)
     if draft_vocab:
         d.set_draft_vocab(torch.tensor(draft_vocab))
@@ -280,6 +282,8 @@ def make_tiny_spec(make_tiny, draft_vocab: list[int] | None = None, calib_anchor
         if calib_anchor == "chain":
             for p in d.calibrator.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        if bonus_in_block:
+            d.bonus_proj.weight.copy_(torch.randn(d.bonus_proj.weight.shape, generator=g) * 0.3)
     return t, d.eval()
 
 
@@ -314,6 +318,36 @@ def test_chain_anchored_sampling_preserves_target_law_tiny(make_tiny, mode):
     assert stats.accepted_per_pos[1] >= 20  # draft 2 (the chained one) does get accepted
     pv = law_pvalue(out, exact_law(t, TINY_PROMPT, TINY_T, 3, N_TINY))
     assert pv >= P_MIN, f"(t1, t2, t3) deviates from the target law (p={pv:.2e})"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_bonus_in_block_keeps_the_target_law_and_greedy_output(make_tiny, monkeypatch, mode):
+    """A bonus_in_block drafter: sequential blocks start from the sampled bonus
+    (parallel ones cannot know it). Drafts move with it; the output must not."""
+    t, d = make_tiny_spec(make_tiny, TINY_DRAFT_VOCAB, bonus_in_block=True)
+    prompts = [TINY_PROMPT, [2, 3], [7, 11, 13, 4, 6]]
+    assert generate_flexdraft(t, d, prompts, 12, mode=mode)[0] == generate_plain(t, prompts, 12)
+    out, stats = generate_flexdraft(t, d, [TINY_PROMPT] * N_TINY, 2, mode=mode, temperature=TINY_T, seed=3)
+    acc = stats.accepted_per_pos[0] / stats.proposed_per_pos[0]
+    assert 0.1 < acc < 0.9, acc
+    p1, cond = exact_two_token_law(t, TINY_PROMPT, TINY_T)
+    pv = joint_pvalue(out, p1, cond)
+    assert pv >= P_MIN, f"(t1, t2) deviates from the target law (p={pv:.2e})"
+    if mode == "sequential":  # the bonus reaches the blocks: zeroing bonus_proj changes the drafts
+        seen = []
+        real = decode._propose
+
+        def spy(target, drafter, r, block, offset, temperature):
+            real(target, drafter, r, block, offset, temperature)
+            seen.append(list(r.drafts))
+
+        monkeypatch.setattr(decode, "_propose", spy)
+        generate_flexdraft(t, d, prompts, 12, mode=mode)
+        with_bonus, seen[:] = list(seen), []
+        with torch.no_grad():
+            d.bonus_proj.weight.zero_()
+        generate_flexdraft(t, d, prompts, 12, mode=mode)
+        assert seen != with_bonus
 
 
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])

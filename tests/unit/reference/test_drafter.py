@@ -347,3 +347,41 @@ def test_draft_vocabulary_round_trip_and_sliced_head(tmp_path, tiny_target):
         c_full = full.draft_logits(tiny_target, normed, bonus)
     torch.testing.assert_close(got, c_full[:, back.draft_vocab], rtol=1e-5, atol=1e-5)
     assert back.token_ids(torch.tensor([[4, 0]])).tolist() == [[95, 2]]
+
+
+# ---- bonus in block -------------------------------------------------------------------
+def test_bonus_in_block_starts_the_block_from_the_bonus(tmp_path, tiny_target):
+    """A sequential pass knows the bonus: slot 0 starts at mask_embedding + W0 e(b),
+    the draft slots at mask_embedding + W1 e(b). No bonus (a parallel pass) or a
+    zero embedding gives the plain block; a plain drafter ignores the bonus."""
+    d = tiny_drafter(tiny_target, bonus_in_block=True)
+    plain = tiny_drafter(tiny_target)
+    assert d.bonus_proj.weight.shape == (96, 48) and plain.bonus_proj is None
+    emb = tiny_target.embed(torch.tensor([5, 7]))  # [2, h]
+    with torch.no_grad():
+        h = d.initial_mask_hidden(2, 4, emb)
+        w0, w1 = (emb @ d.bonus_proj.weight.t()).chunk(2, -1)
+        torch.testing.assert_close(h[:, 0], d.mask_embedding + w0)
+        torch.testing.assert_close(h[:, 1:], (d.mask_embedding + w1)[:, None].expand(2, 3, -1))
+        torch.testing.assert_close(d.initial_mask_hidden(2, 4, torch.zeros_like(emb)), d.initial_mask_hidden(2, 4))
+        assert torch.equal(plain.initial_mask_hidden(2, 4, emb), plain.initial_mask_hidden(2, 4))
+
+        T = 9
+        k = torch.randn(T, 2, 8)
+        v = torch.randn(T, 2, 8)
+        ctx = torch.tensor([6, 9])
+        att = lambda l: dense_block_attend(k, v, ctx, 0.3)  # noqa: E731
+        with_b = d.draft_hidden(tiny_target, ctx, att, bonus_emb=emb)
+        without = d.draft_hidden(tiny_target, ctx, att)
+        assert (with_b - without).abs().amax(-1).min() > 1e-4, "every slot sees the bonus"
+        # freshly built: bonus_proj starts at zero, so training starts from the plain block
+        fresh = FlexDraftDrafter(d.config, tiny_target)
+        assert torch.equal(fresh.bonus_proj.weight, torch.zeros(96, 48))
+
+    path = tmp_path / "drafter"
+    d.save(path, dtype=torch.float32)
+    back = FlexDraftDrafter.load(path, tiny_target)
+    assert back.config.bonus_in_block
+    torch.testing.assert_close(back.bonus_proj.weight, d.bonus_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(back.draft_hidden(tiny_target, ctx, att, bonus_emb=emb), with_b)

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_vllm.training.train import TrainConfig, block_batch, position_weights
 from tiny_models import make_tiny_target, tiny_drafter
 
@@ -91,6 +92,52 @@ def test_step_loss_trains_only_what_the_stage_owns(calibrated):
     assert calib_grad == calibrated, "the calibrator learns only from calibrated logits"
     assert drafter.mask_embedding.grad is not None and drafter.mask_embedding.grad.abs().sum() > 0
     assert all(p.grad is None for p in target.hf.parameters()), "the target stays frozen"
+
+
+def test_bonus_in_block_training_sees_the_true_bonus_and_drops_it_on_request():
+    """bonus_in_block: every block of a training batch starts from the embedding
+    of its true bonus (the token at its anchor), exactly as the sequential
+    pass runs it; bonus_rate=0 trains the block as a parallel pass runs it."""
+    from flexdraft_vllm.reference.drafter import dense_block_attend
+    from flexdraft_vllm.training.train import collate, draft_forward, step_loss
+
+    target = make_tiny_target(2)
+    drafter = tiny_drafter(target, bonus_in_block=True)
+    items = _items(target, drafter, [11, 15])
+    samples = block_batch(items, random.Random(2), TrainConfig(block_size=4, seqs_per_step=2, blocks_per_seq=3))
+    batch = collate(samples)
+    kv, ctx, tgt, bonus = batch
+    with torch.no_grad():
+        got = draft_forward(target, drafter, kv, ctx, bonus_emb=target.embed(bonus.reshape(-1))).view(2, 3, 4, -1)
+        s = drafter.config.split_layer
+        for n, (it, c, _, b) in enumerate(samples):
+            assert torch.equal(b, it["ids"][c])  # the bonus is the token in the block's slot 0
+            want = drafter.draft_hidden(
+                target, c, lambda l, it=it, c=c: dense_block_attend(it["kv"][l - s, 0], it["kv"][l - s, 1], c,
+                                                                     target.scale),
+                bonus_emb=target.embed(b))
+            torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-5)
+    for rate, learns in ((1.0, True), (0.0, False)):
+        drafter.zero_grad(set_to_none=True)
+        loss, _ = step_loss(target, drafter, batch, True, 2.0, bonus_rate=rate)
+        loss.backward()
+        g = drafter.bonus_proj.weight.grad
+        assert (g is not None and g.abs().sum() > 0) == learns
+
+
+def test_a_plain_drafter_seeds_a_bonus_in_block_one(tmp_path):
+    """init_from a plain drafter: every weight carried over, bonus_proj at zero."""
+    import flexdraft_vllm.training.train as train_mod
+
+    target = make_tiny_target(3)
+    plain = tiny_drafter(target)
+    plain.save(tmp_path / "plain", dtype=torch.float32)
+    cfg = TrainConfig(init_from=str(tmp_path / "plain"), bonus_in_block=True)
+    seeded = train_mod.seed_drafter(FlexDraftDrafter(tiny_drafter(target, bonus_in_block=True).config, target),
+                                    cfg, target)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(seeded.state_dict()[k], v)
+    assert not seeded.bonus_proj.weight.any()
 
 
 def test_chain_anchors_are_the_true_previous_tokens():
