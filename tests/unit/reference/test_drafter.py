@@ -360,7 +360,8 @@ def test_bonus_in_block_starts_the_block_from_the_bonus(tmp_path, tiny_target):
     emb = tiny_target.embed(torch.tensor([5, 7]))  # [2, h]
     with torch.no_grad():
         h = d.initial_mask_hidden(2, 4, emb)
-        w0, w1 = (emb @ d.bonus_proj.weight.t()).chunk(2, -1)
+        scaled = emb * d.mask_embedding.pow(2).mean().sqrt() / emb.pow(2).mean(-1, keepdim=True).sqrt()
+        w0, w1 = (scaled @ d.bonus_proj.weight.t()).chunk(2, -1)
         torch.testing.assert_close(h[:, 0], d.mask_embedding + w0)
         torch.testing.assert_close(h[:, 1:], (d.mask_embedding + w1)[:, None].expand(2, 3, -1))
         torch.testing.assert_close(d.initial_mask_hidden(2, 4, torch.zeros_like(emb)), d.initial_mask_hidden(2, 4))
