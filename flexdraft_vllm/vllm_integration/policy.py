@@ -49,7 +49,9 @@ cost; near break-even that is often. The loss a probe is charged is the larger
 of the predicted one and what past probes at this batch size actually lost
 (their step time minus plain steps' time for the same tokens): where the model
 misjudges break-even (a draft pass's fixed cost it cannot see), the measured
-loss keeps probes rare.
+loss keeps probes rare. Positions past the chosen cap are never verified, so
+every `widen_every`-th drafting step and every probe raise the cap by
+`widen_by` (`_widened`): a cap too low for the drafter is noticed.
 
 The decision made at step t is scored by the step t+1 it shapes (that step
 verifies t's drafts), which is how `observe` attributes measurements.
@@ -81,6 +83,7 @@ class Decision:
     max_drafts: int  # FlexDraft drafts per request at most (0 when arm == "off")
     lookup: bool = True  # prompt-lookup drafts allowed (False: a true plain step, e.g. a T_off refresh)
     probe: bool = False  # drafting only to keep acceptance measured while "off" is predicted to win
+    widened: bool = False  # the cap raised past the best one, to measure the positions beyond it
 
 
 class Acceptance:
@@ -175,6 +178,8 @@ class FlexPolicy:
     allow_parallel: bool = True  # False where the model cannot host mask rows (compiled graphs)
     max_groups: int | None = None  # cap on G in parallel mode
     explore_every: int = 50  # while drafting wins, every explore_every-th step is plain (refreshes T_off)
+    widen_every: int = 8  # every widen_every-th drafting step (the first included) and every probe
+    widen_by: int = 2  # ... verifies up to widen_by drafts past the best cap (see _widened)
     probe_every: int = 4  # while off wins, probes at most this often, however cheap they are predicted to be
     probe_budget: float = 0.01
     replan_every: int = 8  # steps a ranking is reused while nothing was verified (keeps "off" steps cheap)
@@ -191,6 +196,7 @@ class FlexPolicy:
     steps: int = 0
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
+    _drafting: int = 0  # drafting decisions taken (paces widened caps)
     _last: _Pending | None = None
     _plans: dict = field(default_factory=dict)  # num_reqs -> (step, version, ranking)
     _live: tuple = ()  # the request ids of the last decision
@@ -414,7 +420,10 @@ class FlexPolicy:
         g_best, _, best = ranked[0]
         if best.arm != "off":
             # drafting wins: now and then a plain step keeps T_off current
-            return Decision("off", 0, lookup=False) if self.steps % self.explore_every == 0 else best
+            if self.steps % self.explore_every == 0:
+                return Decision("off", 0, lookup=False)
+            self._drafting += 1
+            return self._widened(best) if self._drafting % self.widen_every == 1 else best
         # off wins: probe with the best sequential option, rarely enough that the
         # predicted loss stays under probe_budget of the time (often when it is
         # near break-even, so a request whose drafts do better is noticed)
@@ -427,7 +436,22 @@ class FlexPolicy:
         if measured is not None:  # ... and as past probes here lost it
             loss = max(loss, measured.value)
         interval = max(self.probe_every, math.ceil(max(loss, 0.0) / (t_off * self.probe_budget)))
-        return replace(dec, probe=True) if self._since_draft >= interval else best
+        return replace(self._widened(dec), probe=True) if self._since_draft >= interval else best
+
+    def _widened(self, dec: Decision) -> Decision:
+        """dec with its cap raised by widen_by (at most max_drafts).
+
+        Positions at or past a cap are never verified, so their estimates keep
+        whatever they were (the prior, or a few poor early requests) and the
+        cap they argue for never rises: measured at batch 1 with a drafter
+        whose second draft is accepted 0.29 of the time, flex kept 0.12 (its
+        positions 4-7 still the prior 0.5**j) and capped at 1-2 drafts, 1.0x
+        plain, where sequential with all 7 ran 1.4x. A widened step verifies
+        the next positions, so each cap is tried against measured figures; it
+        costs widen_by verify rows per request on one drafting step in
+        widen_every."""
+        k = min(self.max_drafts, dec.max_drafts + self.widen_by)
+        return replace(dec, max_drafts=k, widened=True) if k > dec.max_drafts else dec
 
     def summary(self) -> dict:
         acc = self.acceptance

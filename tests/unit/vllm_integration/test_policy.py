@@ -19,6 +19,9 @@ from flexdraft_vllm.vllm_integration.policy import Acceptance, Decision, FlexPol
 ROWS = (1, 64, 128, 1024)
 COST = CostModel(rows=ROWS, layer_s=(1e-4, 1e-4, 2e-4, 16e-4), head_s=(1e-4, 1e-4, 2e-4, 16e-4),
                  num_layers=30, num_deep=10, block_size=8)
+# compute-bound from the first row (a CPU): 8 rows cost 1.5x one, each extra verify row ~7% of a step
+COST_CPU = CostModel(rows=(1, 8, 64, 1024), layer_s=(1e-4, 1.5e-4, 5e-4, 80e-4),
+                     head_s=(1e-4, 1.5e-4, 5e-4, 80e-4), num_layers=30, num_deep=10, block_size=8)
 
 
 class FakeClock:
@@ -137,7 +140,7 @@ def test_verify_length_shrinks_as_the_batch_grows():
     sim.step(p, clock, 1, 100)
     k_small = max(d.max_drafts for d in sim.step(p, clock, 1, 50) if d.arm != "off")
     sim.step(p, clock, 24, 150)  # 24 * 8 rows is past the knee at 64: each extra draft costs
-    ks = [d.max_drafts for d in sim.step(p, clock, 24, 50) if d.arm != "off"]
+    ks = [d.max_drafts for d in sim.step(p, clock, 24, 50) if d.arm != "off" and not d.widened]
     assert k_small == 7 and ks and max(ks) <= 3
 
 
@@ -312,6 +315,37 @@ def test_a_dear_draft_pass_does_not_make_verify_rows_dear():
     p.corr[("lookup", None)] = _ema(3.0)  # lookup steps measured rows at 3x the model
     t = {d.max_drafts: s for _, s, d in p.predict(1) if d.arm == "sequential"}
     assert t[7] - t[1] == pytest.approx(3 * rows + 10 * (pass_[7] - pass_[1]), rel=1e-6)
+
+
+@pytest.mark.parametrize("widen_by", [2, 0])
+def test_a_cap_set_by_stale_estimates_is_raised_by_widened_steps(widen_by):
+    """Positions past the cap are never verified. An estimate whose positions
+    2+ are stale-low (early poor requests, the prior) argues for a cap of 1,
+    which then never measures them: the trap that kept flex at 1.0x where
+    sequential with every draft ran 1.4x (batch 1, CPU). Widened steps verify
+    the next positions, so the cap climbs to what the drafter earns; without
+    them (widen_by 0) it stays put, which is what this test guards."""
+    clock = FakeClock()
+    p = FlexPolicy(mode="flex", cost=COST_CPU, max_drafts=7, clock=clock, allow_parallel=False, widen_by=widen_by)
+    p.acceptance.accepted = [0.7, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
+    late = [d for d in Sim(p=0.75, cost=COST_CPU).step(p, clock, 1, 400)[-100:]
+            if d.arm != "off" and not d.widened]
+    assert late
+    if widen_by:
+        assert min(d.max_drafts for d in late) >= 3
+        assert p.acceptance.accepted[1] > 0.4
+    else:
+        assert max(d.max_drafts for d in late) == 1
+
+
+def test_widened_steps_are_paced_and_bounded():
+    clock = FakeClock()
+    p = FlexPolicy(mode="flex", cost=COST_CPU, max_drafts=7, clock=clock, allow_parallel=False,
+                   widen_every=8, widen_by=2)
+    chosen = [d for d in Sim(p=0.5, cost=COST_CPU).step(p, clock, 1, 300) if d.arm != "off" and not d.probe]
+    widened = [d for d in chosen if d.widened]
+    assert 0 < len(widened) <= len(chosen) // 8 + 1
+    assert all(d.max_drafts <= 7 for d in chosen)
 
 
 def test_positions_past_the_cap_keep_their_estimate():
