@@ -63,9 +63,9 @@ class Sim:
         return chosen
 
 
-def _flex(**kw):
+def _flex(cost=COST, **kw):
     clock = FakeClock()
-    return FlexPolicy(mode="flex", cost=COST, max_drafts=7, clock=clock, **kw), clock
+    return FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=clock, **kw), clock
 
 
 def test_buckets_are_powers_of_two():
@@ -325,8 +325,7 @@ def test_a_cap_set_by_stale_estimates_is_raised_by_widened_steps(widen_by):
     sequential with every draft ran 1.4x (batch 1, CPU). Widened steps verify
     the next positions, so the cap climbs to what the drafter earns; without
     them (widen_by 0) it stays put, which is what this test guards."""
-    clock = FakeClock()
-    p = FlexPolicy(mode="flex", cost=COST_CPU, max_drafts=7, clock=clock, allow_parallel=False, widen_by=widen_by)
+    p, clock = _flex(cost=COST_CPU, allow_parallel=False, widen_by=widen_by)
     p.acceptance.accepted = [0.7, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
     late = [d for d in Sim(p=0.75, cost=COST_CPU).step(p, clock, 1, 400)[-100:]
             if d.arm != "off" and not d.widened]
@@ -339,9 +338,7 @@ def test_a_cap_set_by_stale_estimates_is_raised_by_widened_steps(widen_by):
 
 
 def test_widened_steps_are_paced_and_bounded():
-    clock = FakeClock()
-    p = FlexPolicy(mode="flex", cost=COST_CPU, max_drafts=7, clock=clock, allow_parallel=False,
-                   widen_every=8, widen_by=2)
+    p, clock = _flex(cost=COST_CPU, allow_parallel=False, widen_every=8, widen_by=2)
     chosen = [d for d in Sim(p=0.5, cost=COST_CPU).step(p, clock, 1, 300) if d.arm != "off" and not d.probe]
     widened = [d for d in chosen if d.widened]
     assert 0 < len(widened) <= len(chosen) // 8 + 1
