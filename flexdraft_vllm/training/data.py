@@ -119,12 +119,22 @@ def _extend_prompts(prompt_file: Path, num_prompts: int, prompts_jsonl: str | No
         raise ValueError(f"{prompt_file}: num_prompts={num_prompts} would grow the base prompts ({len(rows)}) after "
                          f"{len(extra)} extra prompts were added; keep num_prompts or use a new work_dir")
     rows = _grow_base(rows, num_prompts, prompts_jsonl, seed, get_llm)
+    named: list[str] = []  # the extra prompts this call names, in order
     if extra_jsonl:
         from flexdraft_vllm.prompts import jsonl_prompts
 
-        seen = {r["prompt"] for r in rows + extra}
+        base = {r["prompt"] for r in rows}
         want = list(dict.fromkeys(jsonl_prompts(extra_jsonl)))[: extra_limit or None]
-        extra += [{"prompt": q, "j": -1, "src": "extra"} for q in want if q not in seen]
+        named = [q for q in want if q not in base]
+    held = [r["prompt"] for r in extra]
+    if held != named[: len(held)]:
+        # Training reads every answered prompt of the work_dir: an earlier
+        # round's config rerun after a later round grew the data would train on
+        # prompts it does not name.
+        raise ValueError(f"{prompt_file} holds {len(held)} extra prompts that this config does not name "
+                         f"(extra_prompts_jsonl={extra_jsonl!r}, extra_prompts={extra_limit}, {len(named)} named); "
+                         f"run the config that added them, or give this one a fresh work_dir")
+    extra += [{"prompt": q, "j": -1, "src": "extra"} for q in named[len(held):]]
     rows += extra
     if len(rows) != n0:  # rows are only ever added
         _write_jsonl(prompt_file, rows)

@@ -39,7 +39,12 @@ def test_extra_prompts_follow_the_base_ones(tmp_path, monkeypatch):
     grown = data._extend_prompts(two, 20, None, 7, lambda: None, str(extra), 4)
     assert grown == whole == base + [f"def f{i}(): ..." for i in range(4)]  # made at once = grown in steps
     assert data._extend_prompts(two, 20, None, 7, lambda: None, str(extra), 6)[-2:] == ["def f4(): ...", "def f5(): ..."]
-    assert data._extend_prompts(two, 20, None, 7, lambda: None) == grown + ["def f4(): ...", "def f5(): ..."]
+    # An earlier round's config (fewer or no extras) rerun on the grown work_dir
+    # would train on prompts it does not name: refused, with the way out.
+    for jsonl, limit in ((None, 0), (str(extra), 4)):
+        with pytest.raises(ValueError, match="holds 6 extra prompts that this config does not name.*fresh work_dir"):
+            data._extend_prompts(two, 20, None, 7, lambda: None, jsonl, limit)
+    assert data._extend_prompts(two, 20, None, 7, lambda: None, str(extra), 0) == whole + ["def f4(): ...", "def f5(): ..."]
     with pytest.raises(ValueError, match="would grow the base prompts"):  # answers follow the file's order
         data._extend_prompts(two, 30, None, 7, lambda: None)
 
