@@ -2,4 +2,6 @@
 
 from pathlib import Path
 
-BUNDLED_DRAFTER = Path(__file__).resolve().parents[2] / "flexdraft_vllm" / "drafters" / "smollm2-135m"
+PACKAGE = Path(__file__).resolve().parents[2] / "flexdraft_vllm"
+BUNDLED_DRAFTER = PACKAGE / "drafters" / "smollm2-135m"
+TRAIN_CONFIGS = PACKAGE / "configs"

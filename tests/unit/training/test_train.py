@@ -10,6 +10,7 @@ import torch
 
 from flexdraft_vllm.reference.drafter import FlexDraftDrafter
 from flexdraft_vllm.training.train import TrainConfig, block_batch, position_weights
+from project_paths import BUNDLED_DRAFTER, TRAIN_CONFIGS
 from tiny_models import make_tiny_target, tiny_drafter
 
 
@@ -203,18 +204,13 @@ def test_the_shipped_configs_chain_to_the_bundled_drafter():
     """README's training commands reproduce the bundled drafter: each round
     starts from the previous round's output, the last writes the bundled
     folder, and the bundled train_config.json is that last config."""
-    from pathlib import Path
-
-    import flexdraft_vllm
-
-    pkg = Path(flexdraft_vllm.__file__).parent
     names = ["smollm2_135m", "smollm2_135m_chain", "smollm2_135m_bonus", "smollm2_135m_round4", "smollm2_135m_round5"]
-    chain = [TrainConfig.load(str(pkg / "configs" / f"{n}.json"), {}) for n in names]
+    chain = [TrainConfig.load(str(TRAIN_CONFIGS / f"{n}.json"), {}) for n in names]
     assert chain[0].init_from in (None, "")
     for prev, cfg in zip(chain, chain[1:]):
         assert cfg.init_from == prev.out and cfg.work_dir == prev.work_dir
         assert cfg.state_file != prev.state_file  # a round never resumes another's state
     assert chain[-1].out == "flexdraft_vllm/drafters/smollm2-135m"
-    shipped = json.loads((pkg / "drafters" / "smollm2-135m" / "train_config.json").read_text())
+    shipped = json.loads((BUNDLED_DRAFTER / "train_config.json").read_text())
     assert {k: v for k, v in shipped.items() if k != "target"} == {
         k: v for k, v in vars(chain[-1]).items() if k != "target"}
