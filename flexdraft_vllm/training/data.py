@@ -100,10 +100,27 @@ def synthesize_prompts(llm, first: int, n: int, seed: int) -> list[tuple[int, st
     return out
 
 
+def extra_prompt_list(paths: str | list[str], limits: int | list[int] = 0) -> list[str]:
+    """The extra prompts a config names: the first limits[i] (0 = all) distinct
+    prompts of each JSONL in paths, in order, duplicates across files dropped.
+    One path and one limit, or lists of equal length (a later round appends a
+    file, so an earlier round's extras stay a prefix of its)."""
+    from flexdraft_vllm.prompts import jsonl_prompts
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    limits = [limits] * len(paths) if isinstance(limits, int) else list(limits)
+    if len(limits) != len(paths):
+        raise ValueError(f"extra_prompts {limits} must give one count per extra_prompts_jsonl file {paths}")
+    want: list[str] = []
+    for path, n in zip(paths, limits):
+        want += list(dict.fromkeys(jsonl_prompts(path)))[: n or None]
+    return list(dict.fromkeys(want))
+
+
 def _extend_prompts(prompt_file: Path, num_prompts: int, prompts_jsonl: str | None, seed: int, get_llm,
-                    extra_jsonl: str | None = None, extra_limit: int = 0) -> list[str]:
-    """prompts.jsonl grows to num_prompts, then the extra prompts (the first
-    extra_limit of extra_jsonl, 0 = all) follow; existing prompts keep their order.
+                    extra_jsonl: str | list[str] | None = None, extra_limit: int | list[int] = 0) -> list[str]:
+    """prompts.jsonl grows to num_prompts, then the extra prompts
+    (extra_prompt_list(extra_jsonl, extra_limit)) follow; existing prompts keep their order.
 
     Rows are {"prompt", "j"}: j is the synthesis candidate index (-1 for a
     prompt read from prompts_jsonl), so growth continues after the last one;
@@ -121,11 +138,8 @@ def _extend_prompts(prompt_file: Path, num_prompts: int, prompts_jsonl: str | No
     rows = _grow_base(rows, num_prompts, prompts_jsonl, seed, get_llm)
     named: list[str] = []  # the extra prompts this call names, in order
     if extra_jsonl:
-        from flexdraft_vllm.prompts import jsonl_prompts
-
         base = {r["prompt"] for r in rows}
-        want = list(dict.fromkeys(jsonl_prompts(extra_jsonl)))[: extra_limit or None]
-        named = [q for q in want if q not in base]
+        named = [q for q in extra_prompt_list(extra_jsonl, extra_limit) if q not in base]
     held = [r["prompt"] for r in extra]
     if held != named[: len(held)]:
         # Training reads every answered prompt of the work_dir: an earlier
@@ -202,8 +216,8 @@ def build_dataset(
     max_new_tokens: int = 256,
     prompts_jsonl: str | None = None,
     seed: int = 0,
-    extra_prompts_jsonl: str | None = None,
-    extra_prompts: int = 0,
+    extra_prompts_jsonl: str | list[str] | None = None,
+    extra_prompts: int | list[int] = 0,
 ) -> Path:
     """Stages 1-2. Returns the path of sequences.jsonl (prompt_ids, response_ids).
 

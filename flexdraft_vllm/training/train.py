@@ -48,8 +48,8 @@ class TrainConfig:
     out: str = "flexdraft_vllm/drafters/smollm2-135m"
     work_dir: str = ".cache/train/smollm2-135m"
     prompts_jsonl: str | None = None
-    extra_prompts_jsonl: str | None = None  # prompts added after the num_prompts base ones (data.py)
-    extra_prompts: int = 0  # how many of them (the first N; 0 = all)
+    extra_prompts_jsonl: str | list[str] | None = None  # prompts added after the num_prompts base ones (data.py)
+    extra_prompts: int | list[int] = 0  # how many of them (the first N of each file; 0 = all)
     num_prompts: int = 600
     max_new_tokens: int = 256
     split_layer: int = 20

@@ -9,6 +9,8 @@ import pytest
 
 from flexdraft_vllm.training import data
 
+from project_paths import PACKAGE
+
 
 def fake_synth(llm, first, n, seed):
     # candidate j depends only on (seed, j), like the real one; every 5th is a duplicate
@@ -47,6 +49,41 @@ def test_extra_prompts_follow_the_base_ones(tmp_path, monkeypatch):
     assert data._extend_prompts(two, 20, None, 7, lambda: None, str(extra), 0) == whole + ["def f4(): ...", "def f5(): ..."]
     with pytest.raises(ValueError, match="would grow the base prompts"):  # answers follow the file's order
         data._extend_prompts(two, 30, None, 7, lambda: None)
+
+
+def test_extra_prompts_from_several_files_keep_an_earlier_rounds_prefix(tmp_path, monkeypatch):
+    """A later round appends a second file of extras (round 6: stdlib code, then
+    everyday chat): the earlier round's extras stay a prefix, so the work_dir
+    grows in place; one count per file, duplicates across files dropped."""
+    monkeypatch.setattr(data, "synthesize_prompts", fake_synth)
+    code, chat = tmp_path / "code.jsonl", tmp_path / "chat.jsonl"
+    code.write_text("".join(json.dumps({"prompt": f"def f{i}(): ..."}) + "\n" for i in range(6)))
+    chat.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f1(): ...", "Hi?", "Why?", "How?"]))
+    assert data.extra_prompt_list([str(code), str(chat)], [3, 0]) == ["def f0(): ...", "def f1(): ...",
+                                                                      "def f2(): ...", "Hi?", "Why?", "How?"]
+    assert data.extra_prompt_list([str(code), str(chat)], [2, 2]) == ["def f0(): ...", "def f1(): ...", "Hi?"]
+    with pytest.raises(ValueError, match=r"one count per extra_prompts_jsonl file"):
+        data.extra_prompt_list([str(code), str(chat)], [3])
+    work = tmp_path / "work.jsonl"
+    earlier = data._extend_prompts(work, 10, None, 7, lambda: None, str(code), 3)
+    later = data._extend_prompts(work, 10, None, 7, lambda: None, [str(code), str(chat)], [3, 2])
+    assert later == earlier + ["Hi?"]  # the chat file's first 2: "def f1(): ..." (already named) and "Hi?"
+    with pytest.raises(ValueError, match="holds 4 extra prompts that this config does not name"):
+        data._extend_prompts(work, 10, None, 7, lambda: None, [str(chat), str(code)], [2, 3])  # another order
+
+
+def test_everyday_prompts_are_clean_requests_apart_from_the_held_out_chat_set():
+    from flexdraft_vllm.prompts import chat_prompts
+    from flexdraft_vllm.training.everyday_prompts import TEMPLATES, _norm, everyday_prompts
+
+    got = everyday_prompts()
+    assert got == everyday_prompts() and len(got) == len(set(got)) > 2000  # deterministic, distinct
+    assert not {_norm(p) for p in got} & {_norm(p) for p in chat_prompts()}
+    assert all(p[0].isupper() and p[-1] in ".?" and "{" not in p for p in got)
+    stems = [t.split("{")[0] for t, _ in TEMPLATES]
+    assert {s for s in stems if any(p.startswith(s) for p in got[:300])} == set(stems)  # the head is a mix
+    bundled = [json.loads(line)["prompt"] for line in (PACKAGE / "data" / "everyday_prompts.jsonl").read_text().splitlines()]
+    assert bundled == got  # the committed file is what the module makes
 
 
 def test_stdlib_prompts_are_documented_public_functions():
