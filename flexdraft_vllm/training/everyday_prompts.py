@@ -10,9 +10,10 @@ explain, how do I, give me tips, write a short poem. This module crosses
 request templates with subjects that fit them ("Explain {a concept} in simple
 terms.", "Give me {n} tips for {an activity}."), each bare and with a
 style request ("Keep it short."), and writes every combination, shuffled
-with a fixed seed so the first N are a sample across templates. No prompt equals one of the held-out chat prompts (checked, case and
-punctuation aside), and subjects those prompts are about are left out of the
-lists. Pure Python, no model: the same file on every machine.
+with a fixed seed so the first N are a sample across templates. No prompt
+equals one of the held-out chat prompts (checked, case and punctuation
+aside), and subjects those prompts are about are left out of the lists.
+Pure Python, no model: the same file on every machine.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import random
 import re
 from pathlib import Path
 
-# held-out chat prompts: never produced (checked in `everyday_prompts`)
-HELD_OUT = Path(__file__).resolve().parent.parent / "data" / "chat_prompts.jsonl"
+from flexdraft_vllm.prompts import chat_prompts
 
 CONCEPTS = [
     "how a refrigerator keeps food cold", "black holes", "the stock market", "compound interest", "evolution",
@@ -116,6 +116,14 @@ TRIPS = ["a beach holiday", "a business trip", "a ski trip", "a week in Japan", 
 FIELDS = ["psychology", "astronomy", "philosophy", "architecture", "geology", "linguistics", "statistics",
           "anthropology", "marine biology", "game theory", "quantum physics", "sociology", "archaeology",
           "meteorology", "nutrition"]
+AILMENTS = ["hiccups", "goosebumps", "jet lag", "sunburn", "headaches", "cramps", "brain freeze", "motion sickness",
+            "wrinkly fingers in water", "allergies"]
+HISTORIES = ["the bicycle", "the telephone", "chocolate", "the Olympic Games", "paper money", "coffee", "the internet",
+             "jazz", "the printing press", "tea", "photography", "the calendar"]
+FUN_FACTS = ["octopuses", "the ocean", "honey", "the human body", "volcanoes", "penguins", "the Sahara", "elephants",
+             "lightning", "ants", "the Eiffel Tower", "sharks", "trees", "the Moon", "cats"]
+TO_NAME = ["a coffee shop", "a pet goldfish", "a book club", "a bakery", "a hiking group", "a podcast about history",
+           "a small garden", "a fantasy kingdom", "a robot", "a lemonade stand"]
 NUMBERS = ["three", "five"]
 # how users qualify a request; every prompt comes bare and with each of these
 STYLES = ["", " Keep it short.", " Please answer in a few sentences.", " Use a friendly tone."]
@@ -138,8 +146,7 @@ TEMPLATES = [
     ("List five {x}.", {"x": LISTS}),
     ("Tell me about some {x}.", {"x": LISTS}),
     ("What causes {x}?", {"x": PHENOMENA}),
-    ("Why do we get {x}?", {"x": ["hiccups", "goosebumps", "jet lag", "sunburn", "headaches", "cramps",
-                                 "brain freeze", "motion sickness", "wrinkly fingers in water", "allergies"]}),
+    ("Why do we get {x}?", {"x": AILMENTS}),
     ("How does {x} work?", {"x": DEVICES}),
     ("How can I improve my {x}?", {"x": SKILLS}),
     ("Describe {x} to someone who has never been there.", {"x": PLACES}),
@@ -148,16 +155,9 @@ TEMPLATES = [
     ("Give me a simple recipe for {x}.", {"x": RECIPES}),
     ("Write a polite email {x}.", {"x": EMAILS}),
     ("What should I pack for {x}?", {"x": TRIPS}),
-    ("Summarize the history of {x} in a few sentences.", {"x": ["the bicycle", "the telephone", "chocolate",
-                                                                   "the Olympic Games", "paper money", "coffee",
-                                                                   "the internet", "jazz", "the printing press",
-                                                                   "tea", "photography", "the calendar"]}),
-    ("Tell me a fun fact about {x}.", {"x": ["octopuses", "the ocean", "honey", "the human body", "volcanoes",
-                                            "penguins", "the Sahara", "elephants", "lightning", "ants",
-                                            "the Eiffel Tower", "sharks", "trees", "the Moon", "cats"]}),
-    ("Suggest a good name for {x}.", {"x": ["a coffee shop", "a pet goldfish", "a book club", "a bakery",
-                                           "a hiking group", "a podcast about history", "a small garden",
-                                           "a fantasy kingdom", "a robot", "a lemonade stand"]}),
+    ("Summarize the history of {x} in a few sentences.", {"x": HISTORIES}),
+    ("Tell me a fun fact about {x}.", {"x": FUN_FACTS}),
+    ("Suggest a good name for {x}.", {"x": TO_NAME}),
 ]
 
 
@@ -180,7 +180,7 @@ def _fill(template: str, slots: dict) -> list[str]:
 
 
 def everyday_prompts(seed: int = 0) -> list[str]:
-    held = {_norm(json.loads(line)["prompt"]) for line in HELD_OUT.read_text().splitlines() if line.strip()}
+    held = {_norm(p) for p in chat_prompts()}  # the held-out chat prompts: never produced
     prompts = list(dict.fromkeys(p + style for t, s in TEMPLATES for p in _fill(t, s) for style in STYLES))
     prompts = [p[0].upper() + p[1:] for p in prompts if _norm(p) not in held]
     random.Random(seed).shuffle(prompts)
