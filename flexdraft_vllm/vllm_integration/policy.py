@@ -14,7 +14,7 @@ Predicted goodput (tokens per second) of each (arm, k) at the current batch of
 n decoding requests:
 
   tokens(k)       = n * (1 + sum_{j<=k} P(draft j proposed and accepted))
-  time(off)       = T_off[bucket]            measured (EMA of plain steps)
+  time(off)       = T_off[bucket]            measured (median of recent plain steps)
   time(arm, k)    = T_off + s * verify(n, k) + c[arm] * mask(arm, n, k)
 
 where verify() and mask() are the start-up cost model's weight work of the
@@ -60,6 +60,7 @@ verifies t's drafts), which is how `observe` attributes measurements.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 
@@ -150,13 +151,34 @@ def mean_of(estimates: list[Acceptance]) -> Acceptance:
     return out
 
 
-@dataclass
-class _Ema:
-    value: float | None = None
-    n: int = 0
+class _Recent:
+    """A measured figure (a step time, a cost correction): the median of its
+    last `window` samples.
 
-    def update(self, x: float, alpha: float) -> None:
-        self.value = x if self.value is None else (1 - alpha) * self.value + alpha * x
+    Step times on a shared machine come in bursts: in a 2-core `vllm serve`
+    (the API server beside the engine) plain steps at batch 4 took 46-50 ms,
+    with runs of ~10 steps at 70-95 ms. A mean (the EMA this replaced) keeps a
+    burst sample until enough others dilute it, and while drafting wins plain
+    steps are sampled only every `explore_every` steps; the first two plain
+    steps of that server, 82 and 84 ms, priced plain steps at 71-82 ms for the
+    next hundred steps, so drafting (parallel mode included, at 100 ms for 1.5x
+    the tokens) looked like a gain. The median ignores bursts that fill less
+    than half the window.
+    """
+
+    __slots__ = ("window", "samples", "value", "n")
+
+    def __init__(self, window: int = 8):
+        self.window = window
+        self.samples: list[float] = []
+        self.value: float | None = None
+        self.n = 0  # samples seen, all of them
+
+    def update(self, x: float) -> None:
+        self.samples.append(x)
+        if len(self.samples) > self.window:
+            del self.samples[0]
+        self.value = statistics.median(self.samples)
         self.n += 1
 
 
@@ -183,16 +205,17 @@ class FlexPolicy:
     probe_every: int = 4  # while off wins, probes at most this often, however cheap they are predicted to be
     probe_budget: float = 0.01
     replan_every: int = 8  # steps a ranking is reused while nothing was verified (keeps "off" steps cheap)
-    alpha: float = 0.2
+    window: int = 8  # samples behind each measured step time and correction (their median)
+    min_plain: int = 4  # plain steps measured at a batch size before anything else runs there
     request_rate: float = 0.1  # a request's own estimate: EMA over ~1/request_rate of its verified steps
     request_prior: int = 4  # ... starting from its source's estimate, worth this many of its outcomes
     clock: callable = time.perf_counter
     acceptance: Acceptance | None = None  # FlexDraft's drafts, over all requests
     lookup: Acceptance | None = None  # prompt-lookup drafts, over all requests
     per_request: dict = field(default_factory=dict)  # (source, request id) -> Acceptance
-    t_off: dict = field(default_factory=dict)  # bucket -> _Ema of plain step seconds
-    corr: dict = field(default_factory=dict)  # (arm, bucket or None) -> _Ema of measured/modelled extra time
-    probe_loss: dict = field(default_factory=dict)  # bucket -> _Ema of seconds a probe lost against plain steps
+    t_off: dict = field(default_factory=dict)  # bucket -> _Recent plain step seconds
+    corr: dict = field(default_factory=dict)  # (arm, bucket or None) -> _Recent measured/modelled extra time
+    probe_loss: dict = field(default_factory=dict)  # bucket -> _Recent seconds a probe lost against plain steps
     steps: int = 0
     chosen: dict = field(default_factory=lambda: {a: 0 for a in ARMS})
     _since_draft: int = 0
@@ -244,9 +267,9 @@ class FlexPolicy:
             if dt > 0 and dec.probe and b in self.t_off:
                 # what the probe cost beyond plain steps emitting the same tokens
                 lost = dt - self.t_off[b].value * tokens_emitted / max(n, 1)
-                self.probe_loss.setdefault(b, _Ema()).update(lost, self.alpha)
+                self.probe_loss.setdefault(b, _Recent(self.window)).update(lost)
             if dt > 0 and dec.arm == "off" and d == 0:  # a true plain step (no lookup drafts either)
-                self.t_off.setdefault(b, _Ema()).update(dt, self.alpha)
+                self.t_off.setdefault(b, _Recent(self.window)).update(dt)
             elif dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off"):
                 # an "off" step that verified lookup drafts prices verify rows; a
                 # drafting step, what its mask rows cost beyond its verify rows
@@ -258,7 +281,7 @@ class FlexPolicy:
                 if extra > 0:
                     ratio = min(max((dt - self.t_off[b].value - paid) / extra, 0.1), 50.0)
                     for key in ((arm, b), (arm, None)):
-                        self.corr.setdefault(key, _Ema()).update(ratio, self.alpha)
+                        self.corr.setdefault(key, _Recent(self.window)).update(ratio)
         self._last = None
 
     def _learn(self, source: str, overall: Acceptance, outcomes, cap_of) -> None:
@@ -302,7 +325,19 @@ class FlexPolicy:
         return verified - self.cost.step_s("off", n), self.cost.step_s(arm, n, d, groups, masked, block) - verified
 
     def _corr(self, arm: str, b: int, default: float = 1.0) -> float:
-        for key in ((arm, b), (arm, None)):
+        """What `arm`'s modelled extra time was measured to cost (this batch
+        bucket, else any). A drafting arm not yet measured borrows the other
+        drafting arm's figure: what the model cannot see (Python per layer and
+        per draft slot, attention gathers) is the same code in both, and the
+        model's own figure (1) made parallel mode look nearly free on a CPU,
+        where its steps took 1.9x a plain step's time for 1.5x the tokens:
+        a 2-core `vllm serve` at concurrency 4 chose it from its fourth step
+        on, 74 times in its first 300 steps."""
+        keys = [(arm, b), (arm, None)]
+        if arm in DRAFTING:
+            other = next(a for a in DRAFTING if a != arm)
+            keys += [(other, b), (other, None)]
+        for key in keys:
             e = self.corr.get(key)
             if e is not None and e.n >= 2:
                 return e.value
@@ -413,7 +448,7 @@ class FlexPolicy:
 
     def _flex(self, n: int, req_ids=None) -> Decision:
         b = bucket_of(n)
-        if b not in self.t_off or self.t_off[b].n < 2:
+        if b not in self.t_off or self.t_off[b].n < self.min_plain:
             return Decision("off", 0, lookup=False)  # measure the baseline first: plain steps are safe
         ranked = self._ranked(n, req_ids)
         g_off, t_off = n / self.t_off[b].value, self.t_off[b].value

@@ -98,6 +98,10 @@ class FlexDraftProposer:
         limit, _, self.record_file = os.environ.get("FLEXDRAFT_RECORD_DRAFTS", "0:").partition(":")
         self.record_limit = int(limit) if self.record_file else 0
         self.num_records = 0
+        # FLEXDRAFT_STEP_TRACE=FILE appends one JSON line per engine step (requests, tokens,
+        # the step's measured seconds, the policy's decision): what the policy saw, for
+        # diagnosing its choices in a running server
+        self.trace_file = os.environ.get("FLEXDRAFT_STEP_TRACE") or None
         self.drafter: FlexDraftDrafter | None = None
         self.view = None  # the target as vLLM built it (real rows, KV cache, hooks)
         self.mask_view = None  # what the mask path reads: the view, or its copy in draft_dtype
@@ -258,6 +262,8 @@ class FlexDraftProposer:
         self._draft_s = 0.0
         self.policy.observe(sum(len(s) for s in sampled_token_ids), outcomes, step_s, lookup_outcomes)
         dec = self.policy.decide(len(live), [req_ids[i] for i in live]) if live else None
+        if self.trace_file:
+            self._trace(len(live), sampled_token_ids, outcomes, step_s, dec)
         self._parallel_block = (self.config.block_for(dec.max_drafts) if dec is not None and dec.arm == "parallel"
                                 else None)
         self._looked_up = set()
@@ -344,6 +350,15 @@ class FlexDraftProposer:
                 found.add(i)
         self.lookup_requests += len(found)
         return found
+
+    def _trace(self, n_live: int, sampled, outcomes, step_s: float, dec) -> None:
+        with open(self.trace_file, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "t": time.perf_counter(), "mode": self.config.mode,
+                                "live": n_live, "tokens": sum(len(s) for s in sampled),
+                                "verified": sum(o[0] for o in outcomes), "accepted": sum(o[1] for o in outcomes),
+                                "step_s": None if math.isnan(step_s) else round(step_s, 5),
+                                "arm": dec.arm if dec else None, "k": dec.max_drafts if dec else 0,
+                                "probe": bool(dec and dec.probe)}) + "\n")
 
     def _record(self, runner, rows, ids, conf, n, par_groups: list[int], par_block: int | None, seq_block: int) -> None:
         """rows: the parallel rows (their group index in par_groups) then the sequential ones."""

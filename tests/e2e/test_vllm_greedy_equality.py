@@ -81,8 +81,14 @@ def record_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fd_llm(target_dir, record_file):
+def trace_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("trace") / "steps.jsonl"
+
+
+@pytest.fixture(scope="module")
+def fd_llm(target_dir, record_file, trace_file):
     os.environ["FLEXDRAFT_RECORD_DRAFTS"] = f"4000:{record_file}"
+    os.environ["FLEXDRAFT_STEP_TRACE"] = str(trace_file)
     # parallel with G capped at 2: a request that accepted 0 or 1 drafts takes
     # its next drafts from group 0 or 1 computed inside the verify forward, one
     # that accepted more from the sequential draft pass, so both paths run;
@@ -93,6 +99,7 @@ def fd_llm(target_dir, record_file):
     llm = make_llm(target_dir, flexdraft={"mode": "parallel", "max_parallel_groups": 2, "draft_dtype": "float32",
                                           "max_verify": 3}, max_num_seqs=8)
     os.environ.pop("FLEXDRAFT_RECORD_DRAFTS")
+    os.environ.pop("FLEXDRAFT_STEP_TRACE")
     yield llm
     shutdown(llm)
 
@@ -120,6 +127,23 @@ def test_stop_string_and_max_tokens_inside_accepted_block(fd_llm, plain_outputs,
         assert o.outputs[0].finish_reason == "stop"
         checked += 1
     assert checked >= 4, "too few prompts gave a usable stop string"
+
+
+def test_step_trace_records_what_the_policy_saw(fd_llm, trace_file, prompts):
+    """FLEXDRAFT_STEP_TRACE: one line per engine step with the requests, the
+    tokens they got, the drafts verified / accepted and the decision taken."""
+    from vllm import SamplingParams
+
+    before = len(trace_file.read_text().splitlines()) if trace_file.exists() else 0
+    outs = fd_llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+    lines = [json.loads(x) for x in trace_file.read_text().splitlines()[before:]]
+    assert len(lines) >= 24 // 8  # at least one step per full block the longest answer could take
+    assert all(x["mode"] == "parallel" and x["accepted"] <= x["verified"] for x in lines)
+    assert all(x["tokens"] == x["live"] + x["accepted"] for x in lines)  # a bonus per request + accepted drafts
+    # every output token was sampled in a traced step (drafts accepted past max_tokens are cut afterwards)
+    assert sum(x["tokens"] for x in lines) >= sum(len(o.outputs[0].token_ids) for o in outs)
+    assert any(x["step_s"] is None for x in lines) and any(x["step_s"] for x in lines)  # prefill steps untimed
+    assert {x["arm"] for x in lines if x["live"]} == {"parallel"}
 
 
 def test_paged_draft_pass_matches_reference(fd_llm, record_file, target_dir, prompts):

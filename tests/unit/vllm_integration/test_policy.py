@@ -252,7 +252,7 @@ def test_lookup_cap_pays_for_its_rows():
                      num_layers=30, num_deep=10, block_size=8)
     p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock())
     for n in (1, 512):
-        p.t_off[n] = _ema(cost.step_s("off", n) * 1.5)
+        p.t_off[n] = _measured(cost.step_s("off", n) * 1.5)
     assert p.lookup_caps(1, [None]) == [7]  # memory-bound batch 1: a verify row is nearly free
     p.lookup.update([(7, 0)] * 50)  # lookup drafts that are never accepted ...
     assert p.lookup_caps(512, [None]) == [0]  # ... are not worth a compute-bound row
@@ -270,12 +270,13 @@ def test_a_step_with_lookup_drafts_is_not_a_plain_step():
     assert 1 not in p.t_off  # 50 ms with 3 verify rows is not T_off
 
 
-def _ema(v):
-    from flexdraft_vllm.vllm_integration.policy import _Ema
+def _measured(v):
+    """A measured figure that has settled at v."""
+    from flexdraft_vllm.vllm_integration.policy import _Recent
 
-    e = _Ema()
-    e.update(v, 1.0)
-    e.update(v, 1.0)
+    e = _Recent()
+    for _ in range(4):
+        e.update(v)
     return e
 
 
@@ -284,7 +285,7 @@ def test_lookup_rows_are_priced_by_what_they_were_measured_to_cost():
                      num_layers=30, num_deep=10, block_size=8)
     p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock())
     t0 = cost.step_s("off", 8)
-    p.t_off[8] = _ema(t0)
+    p.t_off[8] = _measured(t0)
     p.lookup.update([(7, 4)] * 50)  # the first 4 lookup drafts are accepted, the rest never
     p.acceptance.update([(7, 0)] * 50)  # FlexDraft's own drafts never are: "off" (with lookup) wins
     assert p.lookup_caps(8, [None]) == [4]  # modelled rows are cheap at batch 8: all that can be accepted
@@ -303,16 +304,16 @@ def test_a_dear_draft_pass_does_not_make_verify_rows_dear():
     cost = CostModel(rows=(1, 64, 1024), layer_s=(1e-4, 4e-4, 6.4e-3), head_s=(1e-4, 4e-4, 6.4e-3),
                      num_layers=30, num_deep=10, block_size=8)
     p = FlexPolicy(mode="flex", cost=cost, max_drafts=7, clock=FakeClock(), allow_parallel=False)
-    p.t_off[1] = _ema(0.045)
+    p.t_off[1] = _measured(0.045)
     p.acceptance.update([(7, 7)] * 20)  # every draft proposed (the cost of a row is what varies)
-    p.corr[("sequential", None)] = _ema(10.0)
+    p.corr[("sequential", None)] = _measured(10.0)
     t = {d.max_drafts: s for _, s, d in p.predict(1) if d.arm == "sequential"}
     rows = cost.step_s("off", 1, 7) - cost.step_s("off", 1, 1)
     # the pass of a cap-k step runs a block trimmed to k + 1 masks
     pass_ = {k: cost.step_s("sequential", 1, k, block=k + 1) - cost.step_s("off", 1, k) for k in (1, 7)}
     assert t[7] - t[1] == pytest.approx(rows + 10 * (pass_[7] - pass_[1]), rel=1e-6)
     assert t[1] == pytest.approx(0.045 + cost.row_s(1) + 10 * pass_[1], rel=1e-6)
-    p.corr[("lookup", None)] = _ema(3.0)  # lookup steps measured rows at 3x the model
+    p.corr[("lookup", None)] = _measured(3.0)  # lookup steps measured rows at 3x the model
     t = {d.max_drafts: s for _, s, d in p.predict(1) if d.arm == "sequential"}
     assert t[7] - t[1] == pytest.approx(3 * rows + 10 * (pass_[7] - pass_[1]), rel=1e-6)
 
@@ -358,3 +359,63 @@ def test_summary_shows_lookup_acceptance_only_once_measured():
     assert "lookup_accepted_per_position" not in p.summary()
     p.observe(1, lookup_outcomes=[(3, 2, "r")])
     assert p.summary()["lookup_accepted_per_position"][0] > 0.7
+
+
+def test_step_times_ignore_bursts():
+    """A burst of slow steps (another process on the cores) that fills less than
+    half the window leaves T_off where the steady steps put it; a lasting change
+    moves it within a window."""
+    from flexdraft_vllm.vllm_integration.policy import _Recent
+
+    e = _Recent(window=8)
+    for x in [0.050] * 5 + [0.090] * 3:  # 3 burst samples of 8
+        e.update(x)
+    assert e.value == pytest.approx(0.050)
+    for x in [0.060] * 5:  # the machine got slower for good
+        e.update(x)
+    assert e.value == pytest.approx(0.060) and e.n == 13
+
+
+def test_a_slow_start_does_not_make_drafting_look_cheap():
+    """The first plain steps of a server ran 82-84 ms where later ones took
+    46-50 (first shapes, the API server's start-up work). Priced at those,
+    drafting that loses looks like a gain (the premise, checked first).
+    Drafting waits for `min_plain` plain steps and plain steps are priced at
+    their median, so two slow first steps start no drafting."""
+    t = COST_CPU.step_s("off", 1) * 1.5  # the true plain step
+
+    def policy():
+        p, clock = _flex(cost=COST_CPU, allow_parallel=False)
+        p.acceptance = Acceptance(7, prior=0.4)
+        p.corr[("sequential", None)] = _measured(3.0)  # the draft pass costs 3x what the model says
+        return p
+
+    for scale, best in ((1.0, "off"), (1.65, "sequential")):  # the premise
+        p = policy()
+        p.t_off[1] = _measured(t * scale)
+        assert p.predict(1)[0][2].arm == best
+    p = policy()
+    times = iter([1.78 * t, 1.8 * t] + [t] * 100)
+    decisions = []
+    for _ in range(16):
+        p.observe(1, (), step_s=next(times))
+        decisions.append(p.decide(1))
+    assert [d.arm for d in decisions[: p.min_plain]] == ["off"] * p.min_plain  # measure first
+    assert all(d.arm == "off" or d.probe for d in decisions)
+    assert p.t_off[1].value == pytest.approx(t)
+
+
+def test_an_unmeasured_drafting_arm_borrows_the_other_arms_correction():
+    """Overheads the model cannot see are the same code in both drafting arms:
+    until parallel mode has its own measurements it is priced with sequential's."""
+    p, clock = _flex(cost=COST_CPU)
+    p.t_off[1] = _measured(COST_CPU.step_s("off", 1) * 1.5)
+    p.acceptance.update([(7, 7)] * 20)
+    par = lambda: {d.max_drafts: t for _, t, d in p.predict(1) if d.arm == "parallel"}  # noqa: E731
+    before = par()
+    p.corr[("sequential", None)] = _measured(20.0)  # the draft pass costs 20x what the model says
+    after = par()
+    _, mask = p._model_extra("parallel", 1, p.acceptance.drafts(3), cap=3)
+    assert after[3] - before[3] == pytest.approx(19.0 * mask, rel=1e-6)
+    p.corr[("parallel", None)] = _measured(2.0)  # its own figure, once measured, wins
+    assert par()[3] - before[3] == pytest.approx(1.0 * mask, rel=1e-6)
