@@ -70,6 +70,12 @@ def test_extra_prompts_from_several_files_keep_an_earlier_rounds_prefix(tmp_path
     assert later == earlier + ["Hi?"]  # the chat file's first 2: "def f1(): ..." (already named) and "Hi?"
     with pytest.raises(ValueError, match="holds 4 extra prompts that this config does not name"):
         data._extend_prompts(work, 10, None, 7, lambda: None, [str(chat), str(code)], [2, 3])  # another order
+    # round 7: the last file's count raised grows the work_dir in place ...
+    assert data._extend_prompts(work, 10, None, 7, lambda: None, [str(code), str(chat)], [3, 4]) == later + ["Why?",
+                                                                                                          "How?"]
+    # ... an earlier file's would put its new prompts before ones already answered: refused
+    with pytest.raises(ValueError, match="does not name"):
+        data._extend_prompts(work, 10, None, 7, lambda: None, [str(code), str(chat)], [4, 4])
 
 
 def test_everyday_prompts_are_clean_requests_apart_from_the_held_out_chat_set():

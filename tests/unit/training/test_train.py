@@ -205,7 +205,7 @@ def test_the_shipped_configs_chain_to_the_bundled_drafter():
     starts from the previous round's output, the last writes the bundled
     folder, and the bundled train_config.json is that last config."""
     names = ["smollm2_135m", "smollm2_135m_chain", "smollm2_135m_bonus", "smollm2_135m_round4", "smollm2_135m_round5",
-             "smollm2_135m_round6"]
+             "smollm2_135m_round6", "smollm2_135m_round7"]
     chain = [TrainConfig.load(str(TRAIN_CONFIGS / f"{n}.json"), {}) for n in names]
     assert chain[0].init_from in (None, "")
     for prev, cfg in zip(chain, chain[1:]):
