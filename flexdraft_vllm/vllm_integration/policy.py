@@ -14,7 +14,7 @@ Predicted goodput (tokens per second) of each (arm, k) at the current batch of
 n decoding requests:
 
   tokens(k)       = n * (1 + sum_{j<=k} P(draft j proposed and accepted))
-  time(off)       = T_off[bucket]            measured (median of recent plain steps)
+  time(off)       = T_off[bucket]            measured (lower quartile of recent plain steps)
   time(arm, k)    = T_off + s * verify(n, k) + c[arm] * mask(arm, n, k)
 
 where verify() and mask() are the start-up cost model's weight work of the
@@ -60,7 +60,6 @@ verifies t's drafts), which is how `observe` attributes measurements.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 
@@ -152,24 +151,28 @@ def mean_of(estimates: list[Acceptance]) -> Acceptance:
 
 
 class _Recent:
-    """A measured figure (a step time, a cost correction): the median of its
-    last `window` samples.
+    """A measured figure: a quantile `q` of its last `window` samples (the
+    median for cost corrections and probe losses; a low quantile of more
+    samples for plain step times, see below).
 
     Step times on a shared machine come in bursts: in a 2-core `vllm serve`
     (the API server beside the engine) plain steps at batch 4 took 46-50 ms,
-    with runs of ~10 steps at 70-95 ms. A mean (the EMA this replaced) keeps a
-    burst sample until enough others dilute it, and while drafting wins plain
-    steps are sampled only every `explore_every` steps; the first two plain
-    steps of that server, 82 and 84 ms, priced plain steps at 71-82 ms for the
-    next hundred steps, so drafting (parallel mode included, at 100 ms for 1.5x
-    the tokens) looked like a gain. The median ignores bursts that fill less
-    than half the window.
+    with runs of ~10 steps at 70-95 ms, and the first two 82-84 ms. A mean
+    (the EMA this replaced) keeps a burst sample until enough others dilute
+    it; it priced plain steps at 71-82 ms for that server's first hundred
+    steps, so drafting (parallel mode included, at 100 ms for 1.5x the
+    tokens) looked like a gain. Bursts only ever slow a step, so for plain
+    steps a low quantile is the estimate: with the median of 8, a burst that
+    filled the window just before drafting started (batch 4 offline: plain
+    33-36 ms, 8 samples at 37-48 ms) priced plain steps at 43 ms, and while
+    drafting wins plain steps are sampled only every `explore_every` steps,
+    so it stuck: drafting ran 82 of 84 steps at 0.82x plain.
     """
 
-    __slots__ = ("window", "samples", "value", "n")
+    __slots__ = ("window", "q", "samples", "value", "n")
 
-    def __init__(self, window: int = 8):
-        self.window = window
+    def __init__(self, window: int = 8, q: float = 0.5):
+        self.window, self.q = window, q
         self.samples: list[float] = []
         self.value: float | None = None
         self.n = 0  # samples seen, all of them
@@ -178,7 +181,10 @@ class _Recent:
         self.samples.append(x)
         if len(self.samples) > self.window:
             del self.samples[0]
-        self.value = statistics.median(self.samples)
+        xs = sorted(self.samples)
+        pos = self.q * (len(xs) - 1)  # linear interpolation between order statistics
+        i = int(pos)
+        self.value = xs[i] if i + 1 >= len(xs) else xs[i] + (pos - i) * (xs[i + 1] - xs[i])
         self.n += 1
 
 
@@ -205,7 +211,9 @@ class FlexPolicy:
     probe_every: int = 4  # while off wins, probes at most this often, however cheap they are predicted to be
     probe_budget: float = 0.01
     replan_every: int = 8  # steps a ranking is reused while nothing was verified (keeps "off" steps cheap)
-    window: int = 8  # samples behind each measured step time and correction (their median)
+    window: int = 8  # samples behind each measured correction and probe loss (their median)
+    plain_window: int = 16  # plain step times: the last 16 ...
+    plain_q: float = 0.25  # ... at their lower quartile (bursts only slow steps)
     min_plain: int = 4  # plain steps measured at a batch size before anything else runs there
     request_rate: float = 0.1  # a request's own estimate: EMA over ~1/request_rate of its verified steps
     request_prior: int = 4  # ... starting from its source's estimate, worth this many of its outcomes
@@ -269,7 +277,7 @@ class FlexPolicy:
                 lost = dt - self.t_off[b].value * tokens_emitted / max(n, 1)
                 self.probe_loss.setdefault(b, _Recent(self.window)).update(lost)
             if dt > 0 and dec.arm == "off" and d == 0:  # a true plain step (no lookup drafts either)
-                self.t_off.setdefault(b, _Recent(self.window)).update(dt)
+                self.t_off.setdefault(b, _Recent(self.plain_window, self.plain_q)).update(dt)
             elif dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off"):
                 # an "off" step that verified lookup drafts prices verify rows; a
                 # drafting step, what its mask rows cost beyond its verify rows
