@@ -260,10 +260,11 @@ class FlexDraftProposer:
         timed = self._decode_only and self._step_t0 is not None
         step_s = time.perf_counter() - self._step_t0 + self._draft_s if timed else math.nan
         self._draft_s = 0.0
-        self.policy.observe(sum(len(s) for s in sampled_token_ids), outcomes, step_s, lookup_outcomes)
+        emitted = sum(len(s) for s in sampled_token_ids)
+        self.policy.observe(emitted, outcomes, step_s, lookup_outcomes)
         dec = self.policy.decide(len(live), [req_ids[i] for i in live]) if live else None
         if self.trace_file:
-            self._trace(len(live), sampled_token_ids, outcomes, step_s, dec)
+            self._trace(len(live), emitted, outcomes, step_s, dec)
         self._parallel_block = (self.config.block_for(dec.max_drafts) if dec is not None and dec.arm == "parallel"
                                 else None)
         self._looked_up = set()
@@ -351,10 +352,10 @@ class FlexDraftProposer:
         self.lookup_requests += len(found)
         return found
 
-    def _trace(self, n_live: int, sampled, outcomes, step_s: float, dec) -> None:
+    def _trace(self, n_live: int, emitted: int, outcomes, step_s: float, dec) -> None:
         with open(self.trace_file, "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "t": time.perf_counter(), "mode": self.config.mode,
-                                "live": n_live, "tokens": sum(len(s) for s in sampled),
+                                "live": n_live, "tokens": emitted,
                                 "verified": sum(o[0] for o in outcomes), "accepted": sum(o[1] for o in outcomes),
                                 "step_s": None if math.isnan(step_s) else round(step_s, 5),
                                 "arm": dec.arm if dec else None, "k": dec.max_drafts if dec else 0,

@@ -391,7 +391,7 @@ def test_a_slow_start_does_not_make_drafting_look_cheap():
     46-50 (first shapes, the API server's start-up work). Priced at those,
     drafting that loses looks like a gain (the premise, checked first).
     Drafting waits for `min_plain` plain steps and plain steps are priced at
-    their median, so two slow first steps start no drafting."""
+    their lower quartile, so two slow first steps start no drafting."""
     t = COST_CPU.step_s("off", 1) * 1.5  # the true plain step
 
     def policy():
