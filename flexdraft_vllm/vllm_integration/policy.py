@@ -45,7 +45,13 @@ step runs plain (no lookup drafts either) to refresh T_off; while "off" wins,
 a sequential probe runs as often as keeps its loss under `probe_budget` of the
 time (at most every `probe_every` steps), so acceptance keeps being measured
 (a more predictable request or workload is noticed) without a measurable
-cost; near break-even that is often. The loss a probe is charged is the larger
+cost; near break-even that is often. A probe drafts for at most
+`probe_requests` of the batch's requests, a different few each time
+(`probe_sample`): acceptance needs a sample, not the whole batch, and a full
+probe at a large batch is one very slow step (batch 64 on a 2-core CPU:
+0.61-0.67 s against 0.14-0.15 s for a plain step, ~3% of a 128-step run
+lost in one step that stalls every request; a probe of 8: 0.19-0.22 s).
+The loss a probe is charged is the larger
 of the predicted one and what past probes at this batch size actually lost
 (their step time minus plain steps' time for the same tokens): where the model
 misjudges break-even (a draft pass's fixed cost it cannot see), the measured
@@ -84,6 +90,7 @@ class Decision:
     lookup: bool = True  # prompt-lookup drafts allowed (False: a true plain step, e.g. a T_off refresh)
     probe: bool = False  # drafting only to keep acceptance measured while "off" is predicted to win
     widened: bool = False  # the cap raised past the best one, to measure the positions beyond it
+    requests: int | None = None  # FlexDraft drafts for this many of the batch's requests (None: all): a probe's sample
 
 
 class Acceptance:
@@ -136,6 +143,15 @@ class Acceptance:
     def drafts(self, k: int) -> float:
         """Expected drafts verified per request with at most k drafts."""
         return sum(self.proposed[:k])
+
+
+def probe_sample(rows: list, m: int, turn: int) -> list:
+    """The m of `rows` a probe drafts for: a window that moves by m per probe
+    (turn = probes so far), so each request is sampled in turn."""
+    if m >= len(rows):
+        return list(rows)
+    start = (turn * m) % len(rows)
+    return (rows[start:] + rows[:start])[:m]
 
 
 def mean_of(estimates: list[Acceptance]) -> Acceptance:
@@ -210,6 +226,7 @@ class FlexPolicy:
     widen_by: int = 2  # ... verifies up to widen_by drafts past the best cap (see _widened)
     probe_every: int = 4  # while off wins, probes at most this often, however cheap they are predicted to be
     probe_budget: float = 0.01
+    probe_requests: int = 8  # a probe drafts for at most this many requests (see probe_sample)
     replan_every: int = 8  # steps a ranking is reused while nothing was verified (keeps "off" steps cheap)
     window: int = 8  # samples behind each measured correction and probe loss (their median)
     plain_window: int = 16  # plain step times: the last 16 ...
@@ -278,9 +295,12 @@ class FlexPolicy:
                 self.probe_loss.setdefault(b, _Recent(self.window)).update(lost)
             if dt > 0 and dec.arm == "off" and d == 0:  # a true plain step (no lookup drafts either)
                 self.t_off.setdefault(b, _Recent(self.plain_window, self.plain_q)).update(dt)
-            elif dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off"):
+            elif (dt > 0 and self.cost is not None and b in self.t_off and (masked > 0 or dec.arm == "off")
+                  and dec.requests is None):
                 # an "off" step that verified lookup drafts prices verify rows; a
-                # drafting step, what its mask rows cost beyond its verify rows
+                # drafting step, what its mask rows cost beyond its verify rows. Not a
+                # probe of a few requests: a draft pass's fixed cost (Python per layer)
+                # over a few blocks would make the whole batch's pass look dear
                 verify, mask = self._model_extra(dec.arm, n, d, masked, dec.max_drafts)
                 if dec.arm == "off":
                     arm, extra, paid = "lookup", verify, 0.0
@@ -429,8 +449,9 @@ class FlexPolicy:
         if dec.arm != "off":
             self._since_draft = 0
         self.chosen[dec.arm] += 1
-        d = self.estimate(req_ids).drafts(dec.max_drafts) if dec.arm != "off" else 0.0
-        self._last = _Pending(self.clock(), num_reqs, dec, d, num_reqs if dec.arm != "off" else 0)
+        m = 0 if dec.arm == "off" else num_reqs if dec.requests is None else dec.requests  # requests drafting
+        d = self.estimate(req_ids).drafts(dec.max_drafts) * m / max(num_reqs, 1) if m else 0.0
+        self._last = _Pending(self.clock(), num_reqs, dec, d, m)
         return dec
 
     def _track(self, live: tuple) -> None:
@@ -459,8 +480,8 @@ class FlexPolicy:
         if b not in self.t_off or self.t_off[b].n < self.min_plain:
             return Decision("off", 0, lookup=False)  # measure the baseline first: plain steps are safe
         ranked = self._ranked(n, req_ids)
-        g_off, t_off = n / self.t_off[b].value, self.t_off[b].value
-        g_best, _, best = ranked[0]
+        t_off = self.t_off[b].value
+        best = ranked[0][2]
         if best.arm != "off":
             # drafting wins: now and then a plain step keeps T_off current
             if self.steps % self.explore_every == 0:
@@ -474,12 +495,26 @@ class FlexPolicy:
         if probe is None:
             return best
         g_p, t_p, dec = probe
-        loss = t_p * (1.0 - g_p / g_off)  # seconds lost vs plain for the same tokens, as predicted
+        m = min(n, self.probe_requests)
+        # seconds lost vs plain steps emitting the same tokens, as predicted
+        loss = t_p * (1.0 - g_p * t_off / n) if m == n else self._probe_loss(n, m, dec.max_drafts, req_ids)
         measured = self.probe_loss.get(b)
         if measured is not None:  # ... and as past probes here lost it
             loss = max(loss, measured.value)
         interval = max(self.probe_every, math.ceil(max(loss, 0.0) / (t_off * self.probe_budget)))
-        return replace(self._widened(dec), probe=True) if self._since_draft >= interval else best
+        if self._since_draft < interval:
+            return best
+        return replace(self._widened(dec), probe=True, requests=m if m < n else None)
+
+    def _probe_loss(self, n: int, m: int, k: int, req_ids=None) -> float:
+        """Predicted seconds a sequential step drafting k for m of the n requests
+        loses against plain steps emitting the same tokens (for m = n this is
+        t * (1 - goodput / plain goodput) of predict()'s option)."""
+        b = bucket_of(n)
+        t0, acc = self.t_off[b].value, self.estimate(req_ids)
+        verify, mask = self._model_extra("sequential", n, acc.drafts(k) * m / n, masked=m, cap=k)
+        t = t0 + self._row_scale(b, n) * verify + self._corr("sequential", b) * mask
+        return t - t0 * (n + m * (acc.tokens(k) - 1.0)) / n
 
     def _widened(self, dec: Decision) -> Decision:
         """dec with its cap raised by widen_by (at most max_drafts).

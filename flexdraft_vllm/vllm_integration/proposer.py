@@ -51,7 +51,7 @@ from flexdraft_vllm.vllm_integration import cost_model, cpu_gemm, lookup, paged_
 from flexdraft_vllm.vllm_integration.draft_view import DraftPrecisionView, resolve_draft_dtype
 from flexdraft_vllm.vllm_integration.options import check_vllm_config, runs_eagerly
 from flexdraft_vllm.vllm_integration.parallel import MaskStream, pick_groups, plan_groups
-from flexdraft_vllm.vllm_integration.policy import FlexPolicy
+from flexdraft_vllm.vllm_integration.policy import FlexPolicy, probe_sample
 
 # a child of "vllm" so vLLM's logging config (handler, level, VLLM_LOGGING_LEVEL) applies
 logger = logging.getLogger("vllm.flexdraft")
@@ -91,6 +91,7 @@ class FlexDraftProposer:
         self._stream: MaskStream | None = None  # the finished step's mask groups
         self.parallel_blocks = 0  # groups computed in verify forwards (observability)
         self.lookup_requests = 0  # request-steps drafted by prompt lookup (observability)
+        self._probes = 0  # probes that drafted for a sample of the batch (moves the sample)
         # FLEXDRAFT_RECORD_DRAFTS=N:FILE appends the first N (prefix, drafts,
         # confidences) to FILE as JSON lines, for tests that check the paged draft
         # pass against the reference (a file, not an RPC: it works however the
@@ -292,6 +293,9 @@ class FlexDraftProposer:
         done = set(par_rows) | looked
         # room for drafts: positions up to max_model_len - 1 (the bonus sits at ctx)
         seq_rows = [i for i in live if i not in done and int(ntok[i]) + 1 < self.max_model_len]
+        if dec.requests is not None:  # a probe at a large batch: a few requests, others in turn
+            seq_rows = probe_sample(seq_rows, dec.requests, self._probes)
+            self._probes += 1
         parts = []
         if par_rows:
             parts.append(stream.normed[torch.tensor(par_groups, device=self.view.device), 1 : 1 + K])
@@ -359,7 +363,8 @@ class FlexDraftProposer:
                                 "verified": sum(o[0] for o in outcomes), "accepted": sum(o[1] for o in outcomes),
                                 "step_s": None if math.isnan(step_s) else round(step_s, 5),
                                 "arm": dec.arm if dec else None, "k": dec.max_drafts if dec else 0,
-                                "probe": bool(dec and dec.probe)}) + "\n")
+                                "probe": bool(dec and dec.probe),
+                                "requests": dec.requests if dec else None}) + "\n")
 
     def _record(self, runner, rows, ids, conf, n, par_groups: list[int], par_block: int | None, seq_block: int) -> None:
         """rows: the parallel rows (their group index in par_groups) then the sequential ones."""

@@ -13,7 +13,7 @@ import random
 import pytest
 
 from flexdraft_vllm.vllm_integration.cost_model import CostModel
-from flexdraft_vllm.vllm_integration.policy import Acceptance, Decision, FlexPolicy, bucket_of
+from flexdraft_vllm.vllm_integration.policy import Acceptance, Decision, FlexPolicy, bucket_of, probe_sample
 
 # memory-bound up to 64 rows (flat), then linear: a GPU-like knee
 ROWS = (1, 64, 128, 1024)
@@ -49,12 +49,12 @@ class Sim:
                 clock.t += self.overhead + self.factor * self.cost.step_s("off", n)
                 outcomes, tokens = [], n
                 continue
-            k = dec.max_drafts
+            k, m = dec.max_drafts, dec.requests or n  # a probe at a large batch drafts for m of n
             groups = k + 1 if dec.arm == "parallel" else 1
             block = min(self.cost.block_size, k + 1)  # the proposer trims a block to the cap + 1
-            clock.t += self.overhead * 1.3 + self.factor * self.cost.step_s(dec.arm, n, k, groups, block=block)
+            clock.t += self.overhead * 1.3 + self.factor * self.cost.step_s(dec.arm, n, k * m / n, groups, m, block)
             outcomes = []
-            for _ in range(n):
+            for _ in range(m):
                 a = 0
                 while a < k and self.rng.random() < self.p:
                     a += 1
@@ -95,7 +95,9 @@ def test_strong_drafter_drafts_at_small_batch_and_stops_when_compute_bound():
     assert all(d.max_drafts >= 4 for d in small[-50:] if d.arm != "off")
     big = sim.step(p, clock, 512, 300)  # 512 requests: every extra row costs its full FLOPs
     drafted = [d for d in big[-200:] if d.arm != "off"]
-    assert all(d.probe for d in drafted) and len(drafted) <= 4  # only probes, within probe_budget
+    # only probes, of a few requests each, within probe_budget: no more drafting than 4 full probes
+    assert all(d.probe and d.requests == p.probe_requests for d in drafted)
+    assert sum(d.requests for d in drafted) <= 4 * 512
 
 
 def test_weak_drafter_stays_off_and_probes_within_budget():
@@ -103,8 +105,9 @@ def test_weak_drafter_stays_off_and_probes_within_budget():
     sim = Sim(p=0.05)
     chosen = sim.step(p, clock, 64, 2000)
     drafted = [d for d in chosen[100:] if d.arm != "off"]
-    # a few probes keep acceptance measured, but not enough to cost more than the budget
-    assert 0 < len(drafted) < 0.02 * 1900
+    # a few probes (of 8 requests each) keep acceptance measured, but not enough to cost
+    # more than the budget: fewer drafting request-steps than 2% of the steps' requests
+    assert 0 < sum(d.requests or 64 for d in drafted) < 0.02 * 1900 * 64
     assert p.acceptance.accepted[0] < 0.2
 
 
@@ -429,3 +432,43 @@ def test_an_unmeasured_drafting_arm_borrows_the_other_arms_correction():
     assert after[3] - before[3] == pytest.approx(19.0 * mask, rel=1e-6)
     p.corr[("parallel", None)] = _measured(2.0)  # its own figure, once measured, wins
     assert par()[3] - before[3] == pytest.approx(1.0 * mask, rel=1e-6)
+
+
+def test_a_probe_at_a_large_batch_drafts_for_a_few_requests():
+    """A probe only has to sample acceptance: at batch 64 it drafts for
+    `probe_requests` of the requests (in turn), so each probe loses a fraction
+    of what a full one does (no step that stalls the whole batch: 0.61 s
+    against 0.15 s plain on a 2-core CPU), and several times as many fit the
+    same budget: as many requests sampled, spread over the run. Its step time
+    does not price the whole batch's draft pass (a few blocks' fixed costs
+    would make it look dear); its loss is measured as for any probe."""
+    def run(probe_requests):
+        p, clock = _flex(cost=COST_CPU, allow_parallel=False, probe_requests=probe_requests)
+        chosen = Sim(p=0.3, cost=COST_CPU).step(p, clock, 64, 1500)
+        probes = [d for d in chosen if d.arm != "off"]
+        assert probes and all(d.probe for d in probes)  # drafting loses at batch 64 here
+        return p, probes, clock.t
+
+    full, full_probes, full_t = run(64)
+    part, part_probes, part_t = run(8)
+    assert all(d.requests is None for d in full_probes) and all(d.requests == 8 for d in part_probes)
+    assert ("sequential", 64) in full.corr and ("sequential", 64) not in part.corr
+    assert 64 in part.probe_loss and 0 < part.probe_loss[64].value < full.probe_loss[64].value / 3
+    assert len(part_probes) >= 5 * len(full_probes)  # acceptance measured more often ...
+    assert 8 * len(part_probes) >= 0.8 * 64 * len(full_probes)  # ... about as many requests sampled ...
+    assert part_t <= full_t * 1.001  # ... for no more time
+    assert _small_batches_probe_every_request()
+
+
+def _small_batches_probe_every_request() -> bool:
+    p, clock = _flex(cost=COST_CPU, allow_parallel=False, probe_requests=8)
+    probes = [d for d in Sim(p=0.05, cost=COST_CPU).step(p, clock, 4, 600) if d.arm != "off"]
+    return bool(probes) and all(d.requests is None for d in probes)
+
+
+def test_probe_samples_take_every_request_in_turn():
+    rows = list(range(10))
+    samples = [probe_sample(rows, 4, turn) for turn in range(5)]
+    assert samples[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    assert set().union(*map(set, samples)) == set(rows) and all(len(s) == 4 for s in samples)
+    assert probe_sample(rows[:3], 4, 7) == [0, 1, 2]  # fewer rows than the sample: all of them
