@@ -10,10 +10,11 @@ Methods (--methods, comma-separated; default all):
   suffix-nocache        the same without its tree of earlier requests (max_cached_requests 0): cells
                         reuse prompts, and greedy suffix decoding replays an output it has seen;
                         this one drafts from the request's own prompt and output only
-  flexdraft-parallel    FlexDraft, parallel mode only
-  flexdraft-sequential  FlexDraft, sequential mode only
-  flexdraft-flex        FlexDraft, the flex policy
-  flexdraft-lookup      FlexDraft flex plus prompt lookup (prompt_lookup_max=4, ours)
+  flexdraft-parallel    FlexDraft, parallel mode only  } FlexDraft's own drafts only
+  flexdraft-sequential  FlexDraft, sequential mode only } (prompt_lookup_max=0: the
+  flexdraft-flex        FlexDraft, the flex policy      } paper's method)
+  flexdraft-lookup      FlexDraft flex plus prompt lookup (prompt_lookup_max=4, ours):
+                        what flexdraft_engine_kwargs / flexdraft-vllm serve run by default
 
 Each method runs in its own worker process with one engine (identical engine
 settings from flexdraft_vllm.engine_defaults for all methods); the worker runs
@@ -112,10 +113,10 @@ def method_engine_kwargs(method: str, base: dict[str, Any], ngram: dict[str, Any
         from flexdraft_vllm.vllm_integration.speculative import flexdraft_engine_kwargs
 
         kw.update(flexdraft_engine_kwargs(mode="flex", prompt_lookup_max=4, prompt_lookup_min=2))
-    elif method.startswith("flexdraft-"):
+    elif method.startswith("flexdraft-"):  # FlexDraft's own drafts only: prompt lookup (on by default) off
         from flexdraft_vllm.vllm_integration.speculative import flexdraft_engine_kwargs
 
-        kw.update(flexdraft_engine_kwargs(mode=method.removeprefix("flexdraft-")))
+        kw.update(flexdraft_engine_kwargs(mode=method.removeprefix("flexdraft-"), prompt_lookup_max=0))
     else:
         raise ValueError(f"unknown method {method!r}")
     return kw

@@ -60,12 +60,12 @@ def serve_argv(argv: list[str]) -> list[str]:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--flexdraft-mode", default="flex", choices=["flex", "sequential", "parallel", "off"])
     ap.add_argument("--drafter")
-    ap.add_argument("--prompt-lookup-max", type=int, default=0,
-                    help="prompt lookup beside FlexDraft: longest n-gram matched (0: off)")
+    ap.add_argument("--prompt-lookup-max", type=int, default=None,
+                    help="prompt lookup beside FlexDraft: longest n-gram matched (default 4; 0: off)")
     ours, rest = ap.parse_known_args(argv)
     if any(a.startswith("--speculative-config") or a.startswith("--speculative_config") for a in rest):
         return ["serve", *rest]  # the user configured speculation themselves
-    runtime = {"prompt_lookup_max": ours.prompt_lookup_max} if ours.prompt_lookup_max else {}
+    runtime = {} if ours.prompt_lookup_max is None else {"prompt_lookup_max": ours.prompt_lookup_max}
     extra = [] if ours.flexdraft_mode == "off" else flexdraft_serve_args(ours.flexdraft_mode, ours.drafter, **runtime)
     if any(a.startswith("--additional-config") or a.startswith("--additional_config") for a in rest) and extra:
         raise SystemExit("flexdraft-vllm serve: pass FlexDraft options with --flexdraft-mode/--drafter, or give "

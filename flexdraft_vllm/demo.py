@@ -1,7 +1,8 @@
 """The main job: offline generation through vLLM, FlexDraft against plain vLLM.
 
 Runs the same prompts (HumanEval + chat) through plain vLLM and through vLLM
-with FlexDraft (flex mode), at batch 1 (one request at a time, the latency
+with FlexDraft (flex mode, with prompt lookup beside it as by default;
+--prompt-lookup-max 0 for the mask block alone), at batch 1 (one request at a time, the latency
 case) and with all prompts in one batch; checks the greedy outputs are
 identical and prints tokens/s, the speedup and FlexDraft's mean accepted
 length. `./run.sh demo` calls this after install + model preparation.
@@ -53,14 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--mode", default="flex", choices=["flex", "sequential"])
+    ap.add_argument("--prompt-lookup-max", type=int, default=4, help="prompt lookup beside FlexDraft (0: off)")
     args = ap.parse_args(argv)
 
     prompts = apply_chat_template(args.model, load_prompts("mixed", args.num_prompts))
     batches = [1, len(prompts)]
     print(f"[demo] plain vLLM, {len(prompts)} prompts, batch {batches} ...", flush=True)
     base = _run(args.model, prompts, args.max_tokens, None, batches)
-    print(f"[demo] vLLM + FlexDraft ({args.mode}) ...", flush=True)
-    fd = _run(args.model, prompts, args.max_tokens, {"mode": args.mode}, batches)
+    lookup = f"prompt lookup up to {args.prompt_lookup_max}-grams" if args.prompt_lookup_max else "no prompt lookup"
+    print(f"[demo] vLLM + FlexDraft ({args.mode}, {lookup}) ...", flush=True)
+    fd = _run(args.model, prompts, args.max_tokens, {"mode": args.mode, "prompt_lookup_max": args.prompt_lookup_max},
+              batches)
     ok = True
     print(f"\n{'batch':>5} | {'plain tok/s':>11} | {'FlexDraft tok/s':>15} | {'speedup':>7} | identical")
     for b in batches:

@@ -22,7 +22,9 @@ PLAN = [(1, 3), (8, 8), (32, 32)] if FAST else [(1, 50), (8, 56), (32, 64)]
 # same draft pass flex and parallel already use, checked at full size.
 # "lookup": sequential with prompt lookup on (lookup.py), so every step mixes
 # requests drafted by lookup and by the mask block; "flex-lookup": the flex
-# policy with prompt lookup, which also drafts by lookup alone on "off" steps.
+# policy with prompt lookup (the default configuration), which also drafts by
+# lookup alone on "off" steps. The other modes run the mask block alone
+# (prompt_lookup_max=0).
 MODES = (["parallel", "flex", "lookup", "flex-lookup"] if FAST else
          ["sequential", "parallel", "flex", "lookup", "flex-lookup"])
 # Parallel mode at batch 32 (32 x G x B mask rows per step) is the slowest cell
@@ -59,7 +61,8 @@ def test_greedy_identical_to_plain_vllm(target_dir, prompts, plain_outputs, mode
     # where bf16 matmuls are fast): greedy output must not depend on draft precision
     extra = {"draft_dtype": "bfloat16"} if mode == "parallel" else {}
     lookup = {"lookup": "sequential", "flex-lookup": "flex"}
-    fd = {"mode": lookup[mode], "prompt_lookup_max": 4} if mode in lookup else {"mode": mode, **extra}
+    fd = {"mode": lookup[mode], "prompt_lookup_max": 4} if mode in lookup else {"mode": mode, "prompt_lookup_max": 0,
+                                                                                  **extra}
     llm = make_llm(target_dir, flexdraft=fd, max_num_seqs=32)
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     try:
@@ -95,9 +98,9 @@ def fd_llm(target_dir, record_file, trace_file):
     # every step drafts, so stops land inside accepted blocks
     # float32 drafts: compared with the float32 reference drafter below;
     # max_verify 3: blocks trimmed to 4 masks (the full block runs in the
-    # parametrized greedy tests above)
+    # parametrized greedy tests above); no prompt lookup: every draft from the mask block
     llm = make_llm(target_dir, flexdraft={"mode": "parallel", "max_parallel_groups": 2, "draft_dtype": "float32",
-                                          "max_verify": 3}, max_num_seqs=8)
+                                          "max_verify": 3, "prompt_lookup_max": 0}, max_num_seqs=8)
     os.environ.pop("FLEXDRAFT_RECORD_DRAFTS")
     os.environ.pop("FLEXDRAFT_STEP_TRACE")
     yield llm

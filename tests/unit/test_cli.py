@@ -18,6 +18,8 @@ def test_serve_adds_flexdraft_flags():
     assert argv[:4] == ["serve", "/m", "--port", "8001"]
     assert _flag(argv, "--speculative-config") == {"model": "flexdraft_vllm.FlexDraft", "num_speculative_tokens": 7}
     assert _flag(argv, "--additional-config") == {"flexdraft": {"mode": "sequential"}}
+    off = serve_argv(["/m", "--prompt-lookup-max", "0"])  # prompt lookup is on unless switched off
+    assert _flag(off, "--additional-config") == {"flexdraft": {"mode": "flex", "prompt_lookup_max": 0}}
 
 
 def test_serve_respects_user_speculative_config_and_off():

@@ -42,8 +42,8 @@ def test_config_checks():
     from flexdraft_vllm.config import FlexDraftConfig
 
     base = FlexDraftConfig.for_target(make_tiny_target().cfg, split_layer=2, block_size=4)
-    assert base.prompt_lookup_max == 0  # off unless asked for
-    assert base.with_runtime({"prompt_lookup_max": 4}).prompt_lookup_min == 2
+    assert (base.prompt_lookup_max, base.prompt_lookup_min) == (4, 2)  # on by default, vLLM ngram's range
+    assert base.with_runtime({"prompt_lookup_max": 0}).prompt_lookup_max == 0  # 0: off
     with pytest.raises(FlexDraftConfigError, match="prompt_lookup_max=1 must be 0"):
         base.with_runtime({"prompt_lookup_max": 1})
     with pytest.raises(FlexDraftConfigError, match="prompt_lookup_min=0"):
