@@ -54,17 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--mode", default="flex", choices=["flex", "sequential"])
-    ap.add_argument("--prompt-lookup-max", type=int, default=4, help="prompt lookup beside FlexDraft (0: off)")
+    ap.add_argument("--prompt-lookup-max", type=int, default=None,
+                    help="prompt lookup beside FlexDraft: longest n-gram matched (default: FlexDraft's, 4; 0: off)")
     args = ap.parse_args(argv)
 
     prompts = apply_chat_template(args.model, load_prompts("mixed", args.num_prompts))
     batches = [1, len(prompts)]
     print(f"[demo] plain vLLM, {len(prompts)} prompts, batch {batches} ...", flush=True)
     base = _run(args.model, prompts, args.max_tokens, None, batches)
-    lookup = f"prompt lookup up to {args.prompt_lookup_max}-grams" if args.prompt_lookup_max else "no prompt lookup"
+    opts = {"mode": args.mode}
+    if args.prompt_lookup_max is not None:
+        opts["prompt_lookup_max"] = args.prompt_lookup_max
+    lookup = "no prompt lookup" if args.prompt_lookup_max == 0 else "prompt lookup beside it"
     print(f"[demo] vLLM + FlexDraft ({args.mode}, {lookup}) ...", flush=True)
-    fd = _run(args.model, prompts, args.max_tokens, {"mode": args.mode, "prompt_lookup_max": args.prompt_lookup_max},
-              batches)
+    fd = _run(args.model, prompts, args.max_tokens, opts, batches)
     ok = True
     print(f"\n{'batch':>5} | {'plain tok/s':>11} | {'FlexDraft tok/s':>15} | {'speedup':>7} | identical")
     for b in batches:
