@@ -457,13 +457,12 @@ def test_a_probe_at_a_large_batch_drafts_for_a_few_requests():
     assert len(part_probes) >= 5 * len(full_probes)  # acceptance measured more often ...
     assert 8 * len(part_probes) >= 0.8 * 64 * len(full_probes)  # ... about as many requests sampled ...
     assert part_t <= full_t * 1.001  # ... for no more time
-    assert _small_batches_probe_every_request()
 
 
-def _small_batches_probe_every_request() -> bool:
+def test_a_probe_at_a_small_batch_drafts_for_every_request():
     p, clock = _flex(cost=COST_CPU, allow_parallel=False, probe_requests=8)
     probes = [d for d in Sim(p=0.05, cost=COST_CPU).step(p, clock, 4, 600) if d.arm != "off"]
-    return bool(probes) and all(d.requests is None for d in probes)
+    assert probes and all(d.requests is None for d in probes)
 
 
 def test_probe_samples_take_every_request_in_turn():
