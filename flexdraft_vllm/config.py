@@ -93,9 +93,9 @@ class FlexDraftConfig:
     # its prompt or output takes the tokens that followed them as drafts
     # instead of the mask block's (vllm_integration/lookup.py). On by default
     # (vLLM ngram's range, 2-4): in every interleaved sweep on the 2-core CPU
-    # flex + lookup ran 1.48-1.66x plain at batch 1 against flex's 1.38-1.39x,
-    # 1.40-1.49x at batch 2 against 1.22-1.36x, and within the machine's
-    # spread of flex from batch 8 on; the flex policy verifies a lookup draft
+    # flex + lookup ran 1.48-1.66x plain at batch 1 against flex's 1.31-1.39x,
+    # 1.40-1.61x at batch 2 against 1.22-1.36x, and from batch 8 on between 8%
+    # below and 8% above flex alone; the flex policy verifies a lookup draft
     # only while its measured acceptance pays for its verify row.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
